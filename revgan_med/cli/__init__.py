@@ -1,0 +1,60 @@
+"""The `revgan-med` command line.
+
+Each subcommand lives in its own module in this package with `HELP` (one line), `ORDER` (position
+in `--help`), `add_arguments(parser)` and `run(args) -> int`. The modules import only argparse at
+import time and the heavy libraries (torch, MONAI) inside `run`, so `--help` is instant; `run` is a
+thin wrapper over a typed library function, so the CLI and the Python API are the same thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from collections.abc import Sequence
+
+from revgan_med import __version__
+from revgan_med.config import ConfigError
+
+
+def _command_modules() -> list:
+    modules = [importlib.import_module(f"{__name__}.{m.name}") for m in pkgutil.iter_modules(__path__)]
+    return sorted(modules, key=lambda m: m.ORDER)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="revgan-med",
+        description="Reversible 3D GANs for CT / dMRI super-resolution and CT kernel conversion.",
+    )
+    parser.add_argument("--version", action="version", version=f"revgan-med {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in _command_modules():
+        name = module.__name__.rsplit(".", 1)[1]
+        cmd = sub.add_parser(
+            name,
+            help=module.HELP,
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(cmd)
+        cmd.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 1 failures in the work, 2 usage errors)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except ConfigError as exc:
+        print(f"revgan-med {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:
+        print(f"revgan-med {args.command}: error: {exc}", file=sys.stderr)
+        return 1

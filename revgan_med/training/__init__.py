@@ -1,0 +1,1 @@
+"""Training: objectives, the training loop, checkpoints and distributed helpers."""

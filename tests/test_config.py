@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from revgan_med.config import Config, ConfigError, config_from_dict, load_config, save_config
+
+
+def test_defaults_match_the_design_notes():
+    cfg = Config()
+    assert cfg.data.window == "chest-1024"
+    assert cfg.data.patch_size == [128, 128, 128]
+    assert cfg.train.lr == pytest.approx(2e-4)
+    assert cfg.train.betas == [0.5, 0.999]
+    assert cfg.loss.lambda_l1 == 100.0 and cfg.loss.lambda_cycle == 10.0
+    assert cfg.infer.context_size is None
+
+
+def test_overrides_parse_yaml_values_and_int_is_accepted_for_float():
+    cfg = config_from_dict(
+        {"model": {"width": 8}},
+        ["data.patch_size=[32,32,32]", "train.lr=1", "data.window=[-1000, 400]", "infer.context_size=96"],
+    )
+    assert cfg.model.width == 8
+    assert cfg.data.patch_size == [32, 32, 32]
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.data.window == [-1000.0, 400.0]
+    assert cfg.infer.context_size == 96
+
+
+@pytest.mark.parametrize(
+    ("values", "overrides", "needle"),
+    [
+        ({"model": {"widht": 8}}, [], "'model.widht'"),
+        ({"bogus": 1}, [], "'bogus'"),
+        ({}, ["train.steps=ten"], "'train.steps'"),
+        ({}, ["model.memory_saving=1"], "'model.memory_saving'"),
+        ({}, ["data.patch_size=[32, x]"], "'data.patch_size[1]'"),
+        ({}, ["task=ct-foo"], "'task'"),
+        ({"train": 3}, [], "'train'"),
+        ({}, ["train.steps"], "key.path=value"),
+    ],
+)
+def test_bad_keys_and_types_are_one_line_errors_naming_the_key(values, overrides, needle):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(values, overrides)
+    message = str(info.value)
+    assert needle in message
+    assert "\n" not in message
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    path = tmp_path / "in.yaml"
+    path.write_text(yaml.safe_dump({"task": "ct-kernel", "model": {"depth": 2}}))
+    cfg = load_config(path, ["loss.gan=none"])
+    out = tmp_path / "resolved.yaml"
+    save_config(cfg, out)
+    again = load_config(out)
+    assert again == cfg
+    assert again.task == "ct-kernel" and again.model.depth == 2 and again.loss.gan == "none"
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {width: 8, oops: 1}\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*model\.oops"):
+        load_config(bad)
