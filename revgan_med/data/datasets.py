@@ -1,0 +1,201 @@
+"""Datalists, whole-case loading for validation, and the cached patch dataset for training.
+
+Every case is brought onto ONE grid before anything is cropped: a super-resolution input (stored on
+its own LR grid by `preprocess`) is mapped onto the target's HR grid with `upsample_to_hr`, so a
+patch at the same voxel indices of input and target is at the same world location. Volumes are
+normalised with the intensity mapping that goes into the checkpoint and kept channel-first (C, X, Y, Z).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import Transform
+from torch.utils.data import Dataset
+
+from revgan_med.data.degradation import upsample_to_hr
+from revgan_med.data.sampling import crop, ct_foreground, pad_to_size, sample_origin
+from revgan_med.data.transforms import (
+    CTWindow,
+    DTIScale,
+    IntensityMapping,
+    WindowSpec,
+    intensity_for_task,
+)
+
+IntensityOrWindow = IntensityMapping | WindowSpec
+SR_TASKS = ("ct-sr", "dmri-sr")
+GRID_TOLERANCE_MM = 1e-3
+
+
+def load_datalist(path: str | Path, split: str) -> list[dict]:
+    """The `split` list ("training" / "validation") of a MONAI datalist; paths made absolute
+    relative to the datalist file."""
+    from monai.data import load_decathlon_datalist
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: datalist not found")
+    try:
+        items = load_decathlon_datalist(
+            path, is_segmentation=False, data_list_key=split, base_dir=path.parent
+        )
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"{path}: no usable {split!r} list ({exc})") from None
+    for item in items:  # MONAI leaves paths of missing files relative; resolve every volume key
+        for key in ("image", "target", "mask"):
+            if key in item:
+                item[key] = str((path.parent / item[key]).resolve())
+    return items
+
+
+def resolve_intensity(task: str, intensity_or_window: IntensityOrWindow) -> IntensityMapping:
+    """A mapping object as given, or the task's mapping for a window spec."""
+    if isinstance(intensity_or_window, (CTWindow, DTIScale)):
+        return intensity_or_window
+    return intensity_for_task(task, intensity_or_window)
+
+
+def _channel_first(array: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.moveaxis(array, 3, 0) if array.ndim == 4 else array[None])
+
+
+def load_case(
+    case: dict,
+    *,
+    task: str,
+    intensity_or_window: IntensityOrWindow,
+    factors: Sequence[int],
+    upsample: str,
+) -> dict[str, Any]:
+    """One datalist item → normalised input on the target grid and target, both (C, X, Y, Z) float32.
+
+    Returns ``image``, ``target``, ``affine`` (the target grid), ``mask`` (evaluation/foreground
+    mask of the target: body > −500 HU for CT, the brain mask for dMRI), ``image_mask`` (the same
+    for the input), ``mapping`` (fitted for dMRI: scales of this input) and ``name``.
+    """
+    from revgan_med.io import load_volume
+
+    image, image_affine = load_volume(case["image"])
+    target, affine = load_volume(case["target"])
+    if task in SR_TASKS:
+        image, image_affine = upsample_to_hr(
+            image, image_affine, factors, mode=upsample, hr_shape=target.shape[:3]
+        )
+    if image.shape[:3] != target.shape[:3] or not np.allclose(image_affine, affine, atol=GRID_TOLERANCE_MM):
+        raise ValueError(f"{case['image']}: grid does not coincide with the target {case['target']}")
+    mapping = resolve_intensity(task, intensity_or_window)
+    if task == "dmri-sr":
+        mask = load_volume(case["mask"])[0] > 0 if "mask" in case else np.any(target != 0, axis=-1)
+        image_mask = mask
+        if isinstance(mapping, DTIScale) and mapping.scales is None:
+            mapping = mapping.fit(image)  # non-zero input voxels: what inference can do too
+    else:
+        mask, image_mask = ct_foreground(target), ct_foreground(image)
+    return {
+        "image": _channel_first(mapping.normalize(image)),
+        "target": _channel_first(mapping.normalize(target)),
+        "affine": affine,
+        "mask": mask,
+        "image_mask": image_mask,
+        "mapping": mapping,
+        "name": case.get("name") or Path(case["target"]).parent.name,
+    }
+
+
+class _LoadPadded(Transform):
+    """Load a case and pad it to at least the patch size (CT with air, dMRI with zeros).
+
+    A MONAI `Transform` (deterministic), so CacheDataset caches its output instead of re-running it.
+    """
+
+    def __init__(self, patch_size: Sequence[int], **load_kwargs: Any) -> None:
+        self.patch_size, self.load_kwargs = patch_size, load_kwargs
+
+    def __call__(self, case: dict) -> dict[str, Any]:
+        c = load_case(case, **self.load_kwargs)
+        mapping = c["mapping"]
+        value = float(mapping.normalize(np.float32([-1000.0]))[0]) if isinstance(mapping, CTWindow) else 0.0
+        for key, pad_value in (("image", value), ("target", value), ("mask", False), ("image_mask", False)):
+            c[key] = pad_to_size(c[key], self.patch_size, value=pad_value)
+        return c
+
+
+class PatchDataset(Dataset):
+    """Random patches for training: ``{"image": (C, D, H, W), "target": (C, D, H, W)}`` float tensors.
+
+    Cases are loaded once, normalised, put on the target grid and cached in memory (MONAI
+    CacheDataset, `num_workers` threads). Item i comes from case ``i // samples_per_volume`` and is
+    drawn with a generator seeded by (seed, epoch, i): call `set_epoch` each epoch for fresh but
+    reproducible (resumable, shardable) streams. Patches with less than `foreground_fraction`
+    foreground are skipped. `paired=False` draws the target from an independent random case and
+    location (CycleGAN-style unpaired sampling).
+    """
+
+    def __init__(
+        self,
+        cases: Sequence[dict],
+        *,
+        task: str,
+        intensity_or_window: IntensityOrWindow,
+        patch_size: Sequence[int],
+        samples_per_volume: int,
+        foreground_fraction: float,
+        factors: Sequence[int],
+        upsample: str,
+        paired: bool = True,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        from monai.data import CacheDataset
+
+        if not cases:
+            raise ValueError("PatchDataset: no cases")
+        if len(patch_size) != 3 or min(patch_size) < 1 or samples_per_volume < 1:
+            raise ValueError(
+                f"PatchDataset: bad patch_size {patch_size!r} / samples_per_volume {samples_per_volume}"
+            )
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.samples_per_volume = int(samples_per_volume)
+        self.foreground_fraction = float(foreground_fraction)
+        self.paired, self.seed, self.epoch = paired, int(seed), 0
+        load = _LoadPadded(self.patch_size, task=task, intensity_or_window=intensity_or_window,
+                           factors=factors, upsample=upsample)  # fmt: skip
+        self.cases = CacheDataset(
+            list(cases), transform=load, num_workers=num_workers or None, progress=False, copy_cache=False
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.cases) * self.samples_per_volume
+
+    def _patch(
+        self, case: dict, key: str, mask_key: str, rng: np.random.Generator
+    ) -> tuple[np.ndarray, tuple]:
+        origin = sample_origin(
+            case[mask_key], self.patch_size, min_fraction=self.foreground_fraction, rng=rng
+        )
+        return crop(case[key], origin, self.patch_size), origin
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"PatchDataset index {index} out of range (len {len(self)})")
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        case = self.cases[index // self.samples_per_volume]
+        if self.paired:
+            target, origin = self._patch(case, "target", "mask", rng)
+            image = crop(case["image"], origin, self.patch_size)
+        else:
+            image, _ = self._patch(case, "image", "image_mask", rng)
+            other = self.cases[int(rng.integers(len(self.cases)))]
+            target, _ = self._patch(other, "target", "mask", rng)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image)),
+            "target": torch.from_numpy(np.ascontiguousarray(target)),
+        }

@@ -1,0 +1,335 @@
+"""Batch preprocessing: a folder of scans → per-case NIfTI training pairs, `datalist.json`, `report.csv`.
+
+Per case, ``OUTPUT_DIR/<case>/`` holds ``image.nii.gz`` (the network input: the degraded LR volume
+on its own LR grid for ct-sr / dmri-sr, as a real thick-slice scan would be, or the source kernel
+for ct-kernel), ``target.nii.gz`` (the reference), ``mask.nii.gz`` (dMRI brain mask) and
+``case.json`` (provenance; written last, so it marks a finished case). Volumes stay in HU / scanner
+units: normalisation happens in the dataset with the mapping stored in the checkpoint.
+Inputs are only read; every output is written atomically; a failing case is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import zlib
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from revgan_med.config import TASKS, ConfigError
+from revgan_med.data.degradation import SIMULATED_KERNEL_NOTE, simulate_kernel_pair, thick_slice
+from revgan_med.data.transforms import WindowSpec, brain_mask, fit_dti, parse_window
+from revgan_med.io import atomic_write_text, discover_volumes, is_nifti, load_volume, save_volume
+
+GRID_ATOL_MM = 1e-2  # source/target grids of a kernel pair must agree to 0.01 mm
+REPORT_FIELDS = ("case", "source", "status", "message")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One case to make: where its input(s) are and the settings that decide its outputs."""
+
+    case: str
+    source: Path
+    series_uid: str | None = None
+    target: Path | None = None  # ct-kernel pairs only
+    problem: str = ""  # a layout problem found during discovery: the case fails with this message
+
+    @property
+    def label(self) -> str:
+        text = str(self.source) + (f" (series {self.series_uid})" if self.series_uid else "")
+        return text + (f" -> {self.target}" if self.target else "")
+
+
+@dataclass(frozen=True)
+class Settings:
+    task: str
+    factors: tuple[int, int, int]
+    simulate_kernel: bool
+
+
+@dataclass
+class CaseResult:
+    case: str
+    source: str
+    status: str  # ok | failed | skipped
+    message: str = ""
+    files: dict[str, str] = field(default_factory=dict)  # datalist key → file name in the case folder
+
+
+@dataclass
+class PreprocessReport:
+    """What `preprocess` did, one row per case; `exit_code` is 0 when nothing failed, else 1."""
+
+    rows: list[CaseResult]
+    datalist_path: Path
+    report_path: Path
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.rows)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.count("failed") else 0
+
+
+def _spacing(affine: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+
+
+def _crop_to_factors(array: np.ndarray, factors: Sequence[int], where: str) -> np.ndarray:
+    n = np.asarray(array.shape[:3]) // factors * factors
+    if (n == 0).any():
+        raise ValueError(f"{where}: volume {array.shape[:3]} is smaller than the factors {tuple(factors)}")
+    return array[: n[0], : n[1], : n[2]]
+
+
+def _make_ct_sr(job: Job, s: Settings) -> tuple[dict, str]:
+    hu, affine = load_volume(job.source, series_uid=job.series_uid)
+    if hu.ndim != 3:
+        raise ValueError(f"{job.source}: expected a 3D CT volume, got shape {hu.shape}")
+    hr = _crop_to_factors(hu, s.factors, str(job.source))  # the crop keeps voxel 0, so the affine holds
+    lr, lr_affine = thick_slice(hr, affine, s.factors)
+    f = ",".join(map(str, s.factors))
+    return {"image": (lr, lr_affine, f"simulated thick-slice input, factors {f}"),
+            "target": (hr, affine, "high-resolution reference")}, ""  # fmt: skip
+
+
+def _dwi_gradients(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    from dipy.io import read_bvals_bvecs
+
+    stem = path.name[: -len(".nii.gz")] if path.name.lower().endswith(".gz") else path.stem
+    bval, bvec = path.with_name(stem + ".bval"), path.with_name(stem + ".bvec")
+    if not (bval.is_file() and bvec.is_file()):
+        raise ValueError(f"{path}: a DWI series needs {bval.name} and {bvec.name} beside it")
+    return read_bvals_bvecs(str(bval), str(bvec))
+
+
+def _make_dmri_sr(job: Job, s: Settings) -> tuple[dict, str]:
+    if not is_nifti(job.source):
+        raise ValueError(f"{job.source}: dmri-sr needs a NIfTI DWI (+ .bval/.bvec) or a 6-channel DTI NIfTI")
+    data, affine = load_volume(job.source)
+    if data.ndim != 4:
+        raise ValueError(f"{job.source}: expected a 4D DWI or 6-channel DTI volume, got shape {data.shape}")
+    if data.shape[3] == 6:
+        dti, mask, note = data, np.any(data != 0, axis=-1), "DTI as given"
+    else:
+        bvals, bvecs = _dwi_gradients(job.source)
+        mask = brain_mask(data, bvals)
+        dti, note = fit_dti(data, bvals, bvecs, mask), "tensor fitted from DWI"
+    hr, mask = _crop_to_factors(dti, s.factors, str(job.source)), _crop_to_factors(mask, s.factors, "mask")
+    lr, lr_affine = thick_slice(hr, affine, s.factors)
+    f = ",".join(map(str, s.factors))
+    return {"image": (lr, lr_affine, f"simulated thick-slice DTI, factors {f}"),
+            "target": (hr, affine, "DTI reference (Dxx,Dxy,Dyy,Dxz,Dyz,Dzz)"),
+            "mask": (mask.astype(np.uint8), affine, "brain mask")}, note  # fmt: skip
+
+
+def _make_ct_kernel(job: Job, s: Settings) -> tuple[dict, str]:
+    source, affine = load_volume(job.source, series_uid=job.series_uid)
+    if source.ndim != 3:
+        raise ValueError(f"{job.source}: expected a 3D CT volume, got shape {source.shape}")
+    if s.simulate_kernel:
+        smooth, sharp = simulate_kernel_pair(source, _spacing(affine), seed=zlib.crc32(job.case.encode()))
+        return {"image": (smooth, affine, "SIMULATED smooth kernel"),
+                "target": (sharp, affine, "SIMULATED sharp kernel")}, SIMULATED_KERNEL_NOTE  # fmt: skip
+    target, target_affine = load_volume(job.target)
+    if source.shape != target.shape or not np.allclose(affine, target_affine, atol=GRID_ATOL_MM):
+        raise ValueError(
+            f"{job.source} and {job.target}: grids do not coincide (shapes {source.shape} / {target.shape}, "
+            f"max affine difference {np.abs(affine - target_affine).max():.3g} mm)"
+        )
+    return {
+        "image": (source, affine, "source kernel"),
+        "target": (target, target_affine, "target kernel"),
+    }, ""
+
+
+MAKERS = {"ct-sr": _make_ct_sr, "dmri-sr": _make_dmri_sr, "ct-kernel": _make_ct_kernel}
+
+
+def _provenance(job: Job, s: Settings) -> dict:
+    return {"case": job.case, "source": job.label, **asdict(s), "factors": list(s.factors)}
+
+
+def process_case(job: Job, settings: Settings, output_dir: Path, overwrite: bool) -> CaseResult:
+    """Make one case's files (or skip it when a finished case with the same settings is there)."""
+    folder = output_dir / job.case
+    marker = folder / "case.json"
+    wanted = _provenance(job, settings)
+    if job.problem:
+        return CaseResult(job.case, job.label, "failed", job.problem)
+    if not overwrite and marker.is_file():
+        try:
+            done = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            done = {}
+        files = done.get("files", {})
+        if {k: done.get(k) for k in wanted} == wanted and all((folder / f).is_file() for f in files.values()):
+            return CaseResult(job.case, job.label, "skipped", "already done", files)
+    try:
+        volumes, note = MAKERS[settings.task](job, settings)
+        files = {}
+        for key, (array, affine, description) in volumes.items():
+            files[key] = f"{key}.nii.gz"
+            save_volume(array, affine, folder / files[key], description=description)
+        atomic_write_text(marker, json.dumps({**wanted, "files": files, "note": note}, indent=2) + "\n")
+    except Exception as exc:  # any failure of one case is reported and the batch goes on
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        return CaseResult(job.case, job.label, "failed", message)
+    return CaseResult(job.case, job.label, "ok", note, files)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+def _pair_entry(folder: Path, role: str) -> Path | None:
+    for name in (f"{role}.nii.gz", f"{role}.nii", role):
+        if (folder / name).exists():
+            return folder / name
+    return None
+
+
+def find_jobs(
+    input_dir: Path, output_dir: Path, *, task: str, pairs_csv: Path | None, simulate_kernel: bool
+) -> list[Job]:
+    """The cases under `input_dir` (outputs under `output_dir` are never treated as inputs)."""
+    if task == "ct-kernel" and pairs_csv is not None:
+        return _jobs_from_csv(pairs_csv)
+    if task == "ct-kernel" and not simulate_kernel:
+        jobs = []
+        for folder in sorted(p for p in input_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if _inside(folder, output_dir) or not any(folder.iterdir()):
+                continue
+            source, target = _pair_entry(folder, "source"), _pair_entry(folder, "target")
+            problem = (
+                ""
+                if source and target
+                else f"{folder}: expected 'source' and 'target' (NIfTI file or DICOM folder)"
+            )
+            jobs.append(Job(folder.name, source or folder, target=target, problem=problem))
+        return jobs
+    refs = [r for r in discover_volumes(input_dir) if not _inside(r.path, output_dir)]
+    return [Job(r.name, r.path, r.series_uid) for r in refs]
+
+
+def _jobs_from_csv(path: Path) -> list[Job]:
+    try:
+        rows = list(csv.DictReader(io.StringIO(path.read_text())))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read pairs CSV ({exc})") from None
+    if not rows or not {"case", "source", "target"} <= set(rows[0]):
+        raise ConfigError(f"{path}: pairs CSV needs the columns case,source,target")
+    names = [r["case"] for r in rows]
+    if len(set(names)) != len(names) or not all(names):
+        raise ConfigError(f"{path}: case names must be non-empty and unique")
+    return [Job(r["case"], path.parent / r["source"], target=path.parent / r["target"]) for r in rows]
+
+
+def split_cases(names: Sequence[str], *, val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Deterministic (training, validation) split; ≥ 1 validation case once there are ≥ 2 cases.
+
+    Cases are ordered by a hash of (seed, name), so a case keeps its side when others are added.
+    """
+    ordered = sorted(names, key=lambda n: hashlib.sha1(f"{seed}:{n}".encode()).hexdigest())
+    n_val = 0 if len(names) < 2 else min(len(names) - 1, max(1, round(val_fraction * len(names))))
+    return sorted(ordered[n_val:]), sorted(ordered[:n_val])
+
+
+def _write_outputs(
+    rows: list[CaseResult], output_dir: Path, meta: dict, val_fraction: float, seed: int
+) -> None:
+    done = {r.case: r.files for r in rows if r.status in ("ok", "skipped")}
+    training, validation = split_cases(list(done), val_fraction=val_fraction, seed=seed)
+
+    def entries(names: list[str]) -> list[dict]:
+        return [{key: f"{n}/{f}" for key, f in done[n].items()} for n in names]
+
+    datalist = {**meta, "training": entries(training), "validation": entries(validation)}
+    atomic_write_text(output_dir / "datalist.json", json.dumps(datalist, indent=2) + "\n")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(REPORT_FIELDS)
+    writer.writerows((r.case, r.source, r.status, r.message) for r in rows)
+    atomic_write_text(output_dir / "report.csv", buffer.getvalue())
+
+
+def _check_usage(input_dir: Path, output_dir: Path, task: str, factors: Sequence[int], workers: int,
+                 simulate_kernel: bool, pairs_csv: Path | None) -> tuple[int, int, int]:  # fmt: skip
+    if task not in TASKS:
+        raise ConfigError(f"task {task!r}: expected one of {', '.join(TASKS)}")
+    if not input_dir.is_dir():
+        raise ConfigError(f"{input_dir}: input folder not found")
+    if output_dir.resolve() == input_dir.resolve():
+        raise ConfigError(f"{output_dir}: the output folder must differ from the input folder")
+    if len(factors) != 3 or any(int(f) != f or f < 1 for f in factors):
+        raise ConfigError(f"factors {list(factors)!r}: need three positive integers X,Y,Z")
+    if workers < 1:
+        raise ConfigError(f"workers {workers}: need at least 1")
+    if (simulate_kernel or pairs_csv is not None) and task != "ct-kernel":
+        raise ConfigError("--simulate-kernel and --pairs apply to --task ct-kernel only")
+    if pairs_csv is not None and not pairs_csv.is_file():
+        raise ConfigError(f"{pairs_csv}: pairs CSV not found")
+    return tuple(int(f) for f in factors)
+
+
+def preprocess(
+    input_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    task: str,
+    window: WindowSpec = "chest-1024",
+    factors: Sequence[int] = (2, 2, 4),
+    workers: int = 1,
+    overwrite: bool = False,
+    pairs_csv: str | Path | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    simulate_kernel: bool = False,
+    progress: bool = True,
+) -> PreprocessReport:
+    """Preprocess every case under `input_dir` into `output_dir` (see the module docstring).
+
+    Usage errors (missing folder, bad task/window/factors) raise `ConfigError`; failures of single
+    cases are rows with status "failed" in the report. `window` is recorded in the datalist.
+    """
+    from tqdm import tqdm
+
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    pairs = Path(pairs_csv) if pairs_csv is not None else None
+    f = _check_usage(input_dir, output_dir, task, factors, workers, simulate_kernel, pairs)
+    try:
+        lo, hi = parse_window(window)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    settings = Settings(task, f, simulate_kernel)
+    jobs = find_jobs(input_dir, output_dir, task=task, pairs_csv=pairs, simulate_kernel=simulate_kernel)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[CaseResult] = []
+    bar = tqdm(total=len(jobs), desc="preprocess", unit="case", disable=not progress)
+    if workers == 1:
+        for job in jobs:
+            rows.append(process_case(job, settings, output_dir, overwrite))
+            bar.update()
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = {pool.submit(process_case, j, settings, output_dir, overwrite): j for j in jobs}
+            for future in as_completed(futures):
+                job = futures[future]
+                try:
+                    rows.append(future.result())
+                except Exception as exc:  # a crashed worker process fails its case, not the batch
+                    rows.append(CaseResult(job.case, job.label, "failed", f"worker crashed: {exc}"))
+                bar.update()
+    bar.close()
+    rows.sort(key=lambda r: r.case)
+    meta = {"task": task, "factors": list(f), "window": [lo, hi], "simulated_kernel": simulate_kernel}
+    _write_outputs(rows, output_dir, meta, val_fraction, seed)
+    return PreprocessReport(rows, output_dir / "datalist.json", output_dir / "report.csv")

@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from revgan_med.data.datasets import PatchDataset, load_case, load_datalist
+from revgan_med.data.degradation import thick_slice
+from revgan_med.data.sampling import crop, pad_to_size, sample_origin
+from revgan_med.data.transforms import CTWindow
+from revgan_med.io import save_volume
+
+WINDOW = (-1150.0, 350.0)
+FACTORS = (2, 2, 4)
+
+
+def test_pad_and_crop_by_hand():
+    a = np.arange(2 * 3 * 4, dtype=np.float32).reshape(1, 2, 3, 4)
+    p = pad_to_size(a, (3, 3, 2), value=-7.0)
+    assert p.shape == (1, 3, 3, 4)
+    np.testing.assert_array_equal(p[:, :2], a)
+    assert (p[:, 2] == -7.0).all()
+    np.testing.assert_array_equal(crop(a, (1, 1, 2), (1, 2, 2)), a[:, 1:2, 1:3, 2:4])
+
+
+def test_sample_origin_honours_the_foreground_fraction(rng):
+    fg = np.zeros((32, 32, 32), bool)
+    fg[20:32, 20:32, 20:32] = True
+    for _ in range(50):
+        o = sample_origin(fg, (8, 8, 8), min_fraction=0.25, rng=rng)
+        assert crop(fg, o, (8, 8, 8)).mean() >= 0.25
+    # impossible: the best candidate is returned instead of stalling
+    o = sample_origin(np.zeros((16, 16, 16), bool), (8, 8, 8), min_fraction=0.5, rng=rng, max_tries=5)
+    assert all(0 <= v <= 8 for v in o)
+    with pytest.raises(ValueError, match="smaller than the patch"):
+        sample_origin(fg, (40, 8, 8), min_fraction=0.0, rng=rng)
+
+
+def _block_coded_case(folder, shape=(16, 16, 16), affine=None, *, body=None):
+    """HR target whose value is constant on each 2×2×4 block and encodes the block's position, so the
+    thick-slice input upsampled with nearest reproduces it exactly at the same world location."""
+    affine = np.diag([0.7, 0.8, 1.5, 1.0]) if affine is None else affine
+    i, j, k = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    code = (i // 2) * 64 + (j // 2) * 8 + (k // 4)
+    target = (-1000.0 + 2.5 * code).astype(np.float32)  # distinct values inside the window
+    if body is not None:
+        target[~body] = -1000.0
+    lr, lr_affine = thick_slice(target, affine, FACTORS)
+    folder.mkdir(parents=True)
+    save_volume(lr, lr_affine, folder / "image.nii.gz")
+    save_volume(target, affine, folder / "target.nii.gz")
+    return {"image": str(folder / "image.nii.gz"), "target": str(folder / "target.nii.gz")}
+
+
+def _dataset(cases, **kw):
+    args = dict(task="ct-sr", intensity_or_window=list(WINDOW), patch_size=(8, 8, 8), samples_per_volume=6,
+                foreground_fraction=0.0, factors=FACTORS, upsample="nearest", seed=0)  # fmt: skip
+    args.update(kw)
+    return PatchDataset(cases, **args)
+
+
+def test_input_and_target_patches_come_from_the_same_world_location(tmp_path, oblique_affine):
+    case = _block_coded_case(tmp_path / "a", affine=oblique_affine)
+    ds = _dataset([case])
+    assert len(ds) == 6
+    for idx in range(len(ds)):
+        item = ds[idx]
+        assert item["image"].shape == item["target"].shape == (1, 8, 8, 8)
+        assert item["image"].dtype == torch.float32
+        torch.testing.assert_close(item["image"], item["target"])
+    whole = load_case(
+        case, task="ct-sr", intensity_or_window="chest-1024", factors=FACTORS, upsample="nearest"
+    )
+    np.testing.assert_allclose(whole["affine"], oblique_affine)
+    np.testing.assert_array_equal(whole["image"], whole["target"])
+
+
+def test_foreground_poor_patches_are_skipped(tmp_path):
+    body = np.zeros((24, 24, 24), bool)
+    body[16:24, 16:24, 16:24] = True
+    ds = _dataset([_block_coded_case(tmp_path / "a", (24, 24, 24), body=body)], foreground_fraction=0.5)
+    threshold = CTWindow(*WINDOW).normalize(np.float32([-500.0]))[0]
+    for idx in range(len(ds)):
+        assert (ds[idx]["target"] > threshold).float().mean() >= 0.5
+
+
+def test_streams_are_deterministic_per_seed_epoch_and_index(tmp_path):
+    case = _block_coded_case(tmp_path / "a", (24, 24, 24))
+    a, b = _dataset([case]), _dataset([case])
+    for idx in (0, 3, 5):
+        torch.testing.assert_close(a[idx]["target"], b[idx]["target"])
+    first = [a[i]["target"] for i in range(len(a))]
+    a.set_epoch(1)
+    second = [a[i]["target"] for i in range(len(a))]
+    assert any(not torch.equal(x, y) for x, y in zip(first, second, strict=True))
+    c = _dataset([case], seed=5)
+    assert any(not torch.equal(c[i]["target"], first[i]) for i in range(len(c)))
+
+
+def test_small_volumes_are_padded_and_unpaired_sampling_mixes_cases(tmp_path):
+    small = _block_coded_case(tmp_path / "small", (4, 6, 8))
+    ds = _dataset([small], patch_size=(8, 8, 8))
+    item = ds[0]
+    assert item["target"].shape == (1, 8, 8, 8)
+    assert item["target"][0, 7, 7, 7] == pytest.approx(CTWindow(*WINDOW).normalize(np.float32([-1000.0]))[0])
+
+    other = _block_coded_case(tmp_path / "other", (16, 16, 16))
+    unpaired = _dataset([small, other], paired=False, samples_per_volume=10)
+    targets = {bool((unpaired[i]["target"] == item["target"][0, 7, 7, 7]).any()) for i in range(10)}
+    assert targets == {True, False}, "targets should come from both cases, independently of the input"
+
+
+def test_dti_patches_have_six_channels(tmp_path, rng):
+    hr = rng.normal(scale=1e-3, size=(16, 16, 16, 6)).astype(np.float32)
+    lr, lr_affine = thick_slice(hr, np.eye(4), FACTORS)
+    save_volume(lr, lr_affine, tmp_path / "image.nii.gz")
+    save_volume(hr, np.eye(4), tmp_path / "target.nii.gz")
+    case = {"image": str(tmp_path / "image.nii.gz"), "target": str(tmp_path / "target.nii.gz")}
+    ds = _dataset([case], task="dmri-sr", upsample="trilinear")
+    assert ds[0]["image"].shape == ds[0]["target"].shape == (6, 8, 8, 8)
+    whole = load_case(case, task="dmri-sr", intensity_or_window="nlst", factors=FACTORS, upsample="trilinear")
+    # scaled by the input's own robust scale: |normalised input| has its 99.5th percentile at 1
+    np.testing.assert_allclose(np.percentile(np.abs(whole["image"]), 99.5, axis=(1, 2, 3)), 1.0, rtol=1e-3)
+
+
+def test_load_datalist_resolves_paths_relative_to_the_file(tmp_path):
+    _block_coded_case(tmp_path / "c1")
+    (tmp_path / "datalist.json").write_text(
+        json.dumps(
+            {"training": [{"image": "c1/image.nii.gz", "target": "c1/target.nii.gz"}], "validation": []}
+        )
+    )
+    items = load_datalist(tmp_path / "datalist.json", "training")
+    assert items == [
+        {"image": str(tmp_path / "c1/image.nii.gz"), "target": str(tmp_path / "c1/target.nii.gz")}
+    ]
+    with pytest.raises(ValueError, match="datalist.json"):
+        load_datalist(tmp_path / "datalist.json", "testing")
