@@ -20,3 +20,11 @@ test: setup
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache
+
+# The Docker image (needs a Docker engine) and its lint (does not: hadolint ships in the test extra).
+.PHONY: docker docker-lint
+docker:
+	docker build -f docker/Dockerfile -t revgan-med .
+
+docker-lint: setup
+	$(VENV)/bin/hadolint docker/Dockerfile

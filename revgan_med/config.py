@@ -32,7 +32,7 @@ def _choices(*values: str) -> dict[str, Any]:
 @dataclass
 class DataConfig:
     datalist: str = "datalist.json"
-    window: Union[str, list[float]] = "chest-1024"  # preset name or [min, max] in HU
+    window: str | list[float] = "chest-1024"  # preset name or [min, max] in HU
     patch_size: list[int] = field(default_factory=lambda: [128, 128, 128])
     samples_per_volume: int = 4
     foreground_fraction: float = 0.01
@@ -47,6 +47,7 @@ class ModelConfig:
     width: int = 32
     depth: int = 4
     memory_saving: bool = True
+    residual: bool = False  # output = input + correction (not in the thesis; see build_generator)
     disc_width: int = 64
 
 
@@ -57,6 +58,13 @@ class LossConfig:
     lambda_cycle: float = 10.0
     lambda_identity: float = 0.0
     pool_size: int = 50
+    # reggan (004_* Table 1): Corr = L1(F(x) ∘ T, y), Smooth = mean squared gradient of T, Adv
+    lambda_corr: float = 20.0
+    lambda_smooth: float = 10.0
+    lambda_adv: float = 1.0
+    # the registration network R is part of the corrected loss (not used at inference)
+    registration_width: int = 16
+    registration_levels: int = 3
 
 
 @dataclass
@@ -68,6 +76,7 @@ class TrainConfig:
     decay_start: int = 10000
     val_every: int = 1000
     checkpoint_every: int = 1000
+    log_every: int = 10  # metrics.csv / TensorBoard rows hold the mean losses over this many steps
     amp: bool = False
     seed: int = 0
     device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
@@ -76,7 +85,7 @@ class TrainConfig:
 @dataclass
 class InferConfig:
     target_size: int = 64
-    context_size: Union[int, None] = None  # None = training patch size
+    context_size: int | None = None  # None = training patch size
     batch_size: int = 1
 
 
@@ -128,7 +137,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     if not isinstance(values, dict):
-        raise ConfigError(f"config key {prefix.rstrip('.') or '<root>'!r}: expected a mapping, got {values!r}")
+        where = prefix.rstrip(".") or "<root>"
+        raise ConfigError(f"config key {where!r}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))

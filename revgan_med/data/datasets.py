@@ -37,7 +37,7 @@ def load_datalist(path: str | Path, split: str) -> list[dict]:
     relative to the datalist file."""
     from monai.data import load_decathlon_datalist
 
-    path = Path(path)
+    path = Path(path).absolute()  # MONAI joins base_dir already; relative paths must not join twice
     if not path.is_file():
         raise ValueError(f"{path}: datalist not found")
     try:

@@ -12,9 +12,11 @@ A checkpoint is a plain dict of tensors and plain data (loadable with ``weights_
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from revgan_med import __version__
@@ -50,26 +52,70 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return payload
 
 
+def capture_rng_state() -> dict[str, Any]:
+    """The torch (CPU and CUDA), numpy and python RNG states as tensors and plain data."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Set the RNGs to what `capture_rng_state` returned (CUDA only where saved and available)."""
+    torch.set_rng_state(state["torch"].cpu())
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = [s.cpu() for s in state["cuda"]][: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all(cuda_states)
+
+
 def checkpoint_config(payload: dict[str, Any]) -> Config:
     """The `Config` a checkpoint was trained with."""
     return config_from_dict(payload["config"])
+
+
+def build_generator_from_config(config: Config) -> torch.nn.Module:
+    """The (freshly initialised) generator that `config.model` describes for `config.task`."""
+    from revgan_med.networks import build_generator
+
+    channels = TASK_CHANNELS[config.task]
+    model = config.model
+    return build_generator(
+        model.generator,
+        in_channels=channels,
+        out_channels=channels,
+        width=model.width,
+        depth=model.depth,
+        memory_saving=model.memory_saving,
+        residual=model.residual,
+    )
 
 
 def generator_from_checkpoint(
     payload: dict[str, Any], device: str | torch.device = "cpu"
 ) -> tuple[torch.nn.Module, Config]:
     """Rebuild the generator a checkpoint describes, load its weights, and put it in eval mode."""
-    from revgan_med.networks import build_generator
-
     config = checkpoint_config(payload)
-    channels = TASK_CHANNELS[config.task]
-    generator = build_generator(
-        config.model.generator,
-        in_channels=channels,
-        out_channels=channels,
-        width=config.model.width,
-        depth=config.model.depth,
-        memory_saving=config.model.memory_saving,
-    )
+    generator = build_generator_from_config(config)
     generator.load_state_dict(payload["models"]["generator"])
+    if config.objective == "self-inverse":  # one function f = f⁻¹: `inverse` is `forward`
+        from revgan_med.training.objectives_registration import SelfInverseGenerator
+
+        generator = SelfInverseGenerator.from_generator(generator)
     return generator.to(device).eval(), config

@@ -1,0 +1,2 @@
+"""Benchmarks for `revgan-med benchmark NAME`; each module has `HELP`, `add_arguments(parser)`, `run(args)`.
+"""

@@ -1,0 +1,396 @@
+"""Quality on real CT against what users would do without the model (issue 5, "Checked by").
+
+Each experiment trains ONE small model with the project's own pipeline — `preprocess` writes the
+datalist, `revgan_med.training.loop.train` runs the packaged config with the CPU overrides below —
+and tests it with `infer_volume` (the code of ``revgan-med infer``) and `compute_metrics`:
+
+``sr`` — super-resolution ×(2,2,4), ``configs/ct_sr_paired.yaml``. Trained on the shared chest CT
+(1.5 mm) below 70 % of its height; tested on the chest slab above it (after a gap of two thick
+slices) and on the abdomen CT (another patient, 3 mm voxels: also a change of scale), each
+thick-sliced by block averaging. Against centre-aligned tricubic and trilinear interpolation of the
+same thick slices, window [-1150, 350] HU. Target: model ≥ tricubic + 0.5 dB.
+
+``kernel`` — the Philips B (smooth) / L (sharp) reconstructions of one acquisition, 512×512×20
+with 5 mm slices, ``configs/ct_kernel_paired.yaml``. Twenty slices cannot be halved along z, so
+the split is in-plane: x < 256 (one lung, half the mediastinum) trains, x ≥ 256 tests. Patches
+64×64×20 are whole in z, and ``loss.gan=none`` (paired L1 only): the 3D PatchGAN needs ≥ 24 voxels
+per side. Tested smooth→sharp (forward) and sharp→smooth (inverse) against doing nothing (the input
+as prediction), an in-plane unsharp mask (smooth→sharp) and Gaussian blur (sharp→smooth) whose
+sigma / amount are grid-searched on the TRAINING half, window nlst [-900, 400] HU, over the whole
+test half and over the body (> −500 HU, largest component, holes filled per slice: the lungs are in).
+Targets: model within 0.5 dB of the tuned filter (goal: above it) and ≥ 3 dB above doing nothing.
+
+Defaults (CPU, one torch thread): generator width 16, depth 2, Adam constant then linear decay over
+the second half. sr: the config's rev_resnet3d, PatchGAN width 16, 32³ patches, trilinear input,
+lr 5e-4, 400 steps (~1 s/step on a free core: ~8 min with testing; 15 min wall on a loaded 2-core
+machine). kernel: rev_srcnn3d (full resolution: clearly better and twice as fast as rev_resnet3d
+here), lr 1e-3, 64×64×20 patches, 250 steps (~1.1 s/step: ~6 min with testing). No validation
+cases: the last checkpoint is tested. These are short runs, not converged models: use --sr-steps /
+--kernel-steps and --device cuda to go further.
+
+Examples:
+  revgan-med benchmark quality sr
+  revgan-med benchmark quality kernel --kernel-steps 500 --json kernel.json
+  revgan-med benchmark quality all --threads 2 --workdir runs/quality
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+HELP = "model vs tricubic (super-resolution) and vs tuned filters (kernel conversion) on real CT"
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+FACTORS = (2, 2, 4)
+SR_WINDOW = (-1150.0, 350.0)
+KERNEL_WINDOW = (-900.0, 400.0)
+# filter grids; a sharp kernel is close to a high-gain Laplacian (small sigma, large amount)
+SIGMAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.5, 3.0)  # in-plane, voxels
+AMOUNTS = tuple(0.25 * 2 ** (k / 2) for k in range(17))  # unsharp-mask gain 0.25 … 64
+SR_GAIN_DB = 0.5
+KERNEL_WITHIN_DB, KERNEL_OVER_INPUT_DB = 0.5, 3.0
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What a short run overrides in the packaged config; everything else comes from the YAML."""
+
+    steps: int = 300
+    lr: float = 5e-4
+    patch: tuple[int, int, int] = (32, 32, 32)
+    width: int = 16
+    depth: int = 2
+    disc_width: int = 16
+    generator: str | None = None  # None: the config's
+    device: str = "auto"
+    seed: int = 0
+
+    def overrides(self) -> list[str]:
+        out = [
+            f"train.steps={self.steps}", f"train.decay_start={self.steps // 2}", f"train.lr={self.lr}",
+            f"train.checkpoint_every={self.steps}", f"train.device={self.device}", f"train.seed={self.seed}",
+            f"data.patch_size={list(self.patch)}", "data.num_workers=0", f"model.width={self.width}",
+            f"model.depth={self.depth}", f"model.disc_width={self.disc_width}",
+        ]  # fmt: skip
+        return out + ([f"model.generator={self.generator}"] if self.generator else [])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("experiment", nargs="?", default="all", choices=("sr", "kernel", "all"))
+    parser.add_argument("--data", type=Path, default=SHARED_DATA, help="the shared real-scan folder")
+    parser.add_argument("--sr-steps", type=int, default=400, help="sr training steps (%(default)s)")
+    parser.add_argument("--kernel-steps", type=int, default=250, help="kernel training steps (%(default)s)")
+    parser.add_argument("--sr-lr", type=float, default=5e-4, help="sr Adam learning rate (%(default)s)")
+    parser.add_argument("--kernel-lr", type=float, default=1e-3, help="kernel Adam lr (%(default)s)")
+    parser.add_argument("--width", type=int, default=16, help="generator width (%(default)s)")
+    parser.add_argument("--depth", type=int, default=2, help="generator core depth (%(default)s)")
+    parser.add_argument("--sr-generator", default=None, help="sr generator (default: the config's)")
+    parser.add_argument("--kernel-generator", default="rev_srcnn3d", help="kernel generator (%(default)s)")
+    parser.add_argument(
+        "--upsample", default="trilinear", choices=("nearest", "trilinear"), help="sr input (%(default)s)"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (%(default)s)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", type=Path, default=None, help="keep datalists and runs here")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+
+
+def run(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import torch
+
+    from revgan_med.io import load_volume
+
+    torch.set_num_threads(max(1, args.threads))
+    common = {"width": args.width, "depth": args.depth, "device": args.device, "seed": args.seed}
+    log: Log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="quality-") as tmp:
+        work = args.workdir or Path(tmp)
+        if args.experiment in ("sr", "all"):
+            chest = load_volume(args.data / "ct_chest_1p5mm" / "chest_ct.nii.gz")
+            abdomen = load_volume(args.data / "ct_abdomen_3mm" / "abdomen_ct.nii.gz")
+            train_scan, slab = split_slab(*chest, fraction=0.7, multiple=FACTORS[2])
+            settings = TrainSettings(
+                steps=args.sr_steps, lr=args.sr_lr, generator=args.sr_generator, patch=(32, 32, 32), **common
+            )
+            tests = {"chest slab z>=70%": slab, "abdomen (3 mm)": abdomen}
+            results["sr"] = run_sr(
+                train_scan, tests, settings=settings, upsample=args.upsample, workdir=work / "sr", log=log
+            )
+            print(format_sr(results["sr"]), flush=True)
+        if args.experiment in ("kernel", "all"):
+            pair = args.data / "ct_kernel_pair_philips_B_L"
+            (smooth, affine), (sharp, _) = load_volume(pair / "B"), load_volume(pair / "L")
+            settings = TrainSettings(
+                steps=args.kernel_steps, lr=args.kernel_lr, generator=args.kernel_generator,
+                patch=(64, 64, 20), **common,
+            )  # fmt: skip
+            results["kernel"] = run_kernel(smooth, sharp, affine, settings=settings, workdir=work / "kernel",
+                                           names=("B", "L"), log=log)  # fmt: skip
+            print(format_kernel(results["kernel"]), flush=True)
+    if args.json is not None:
+        from revgan_med.io.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def split_slab(
+    hu: np.ndarray, affine: np.ndarray, *, fraction: float, multiple: int
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Split along z → ((hu, affine) below `fraction`, (hu, affine) after a gap of two `multiple`s)."""
+    import numpy as np
+
+    end = int(fraction * hu.shape[2]) // multiple * multiple
+    start = end + 2 * multiple
+    if end < multiple or start >= hu.shape[2]:
+        raise ValueError(f"volume of {hu.shape[2]} slices is too thin to split at {fraction:g}")
+    shift = np.eye(4)
+    shift[2, 3] = start
+    return (hu[..., :end], affine), (hu[..., start:], np.asarray(affine) @ shift)
+
+
+def _train(config: str, scans: Path, work: Path, *, task: str, window: str, settings: TrainSettings,
+           extra: Sequence[str] = ()) -> tuple[Path, float]:  # fmt: skip
+    """Preprocess `scans` for `task`, train the packaged `config` with the overrides → (last.pt, seconds)."""
+    import importlib.resources
+    import warnings
+
+    from revgan_med.config import load_config
+    from revgan_med.data.preprocess import preprocess
+    from revgan_med.training.loop import train
+
+    prep = preprocess(scans, work / "prep", task=task, window=window, factors=FACTORS, progress=False,
+                      val_fraction=0.0)  # fmt: skip
+    if prep.exit_code:
+        raise ValueError(f"{prep.report_path}: preprocessing failed")
+    overrides = [f"data.datalist={prep.datalist_path.resolve()}", *settings.overrides(), *extra]
+    with importlib.resources.as_file(importlib.resources.files("revgan_med") / "configs" / config) as path:
+        cfg = load_config(path, overrides)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="no validation during training")
+        last = train(cfg, work / "run")
+    return last, time.perf_counter() - start
+
+
+def window_metrics(
+    prediction: np.ndarray, reference: np.ndarray, window: Sequence[float], mask: np.ndarray | None = None
+) -> dict[str, float]:
+    """MAE / RMSE (HU), PSNR (dB), SSIM of HU volumes clipped to `window`, data range = its width."""
+    import numpy as np
+
+    from revgan_med.evaluation import compute_metrics
+
+    lo, hi = window
+    return compute_metrics(
+        np.clip(prediction, lo, hi), np.clip(reference, lo, hi), data_range=hi - lo, mask=mask
+    )
+
+
+def run_sr(
+    train_scan: tuple[np.ndarray, np.ndarray], tests: dict[str, tuple[np.ndarray, np.ndarray]], *,
+    settings: TrainSettings, upsample: str = "trilinear", workdir: Path, log: Log = print,
+) -> dict[str, Any]:  # fmt: skip
+    """Train ×(2,2,4) on `train_scan` (HU, affine); test model / tricubic / trilinear on each of `tests`."""
+    from revgan_med.data.degradation import thick_slice
+    from revgan_med.evaluation import baseline_volume
+    from revgan_med.inference import infer_volume, load_model
+    from revgan_med.io import save_volume
+
+    save_volume(*train_scan, workdir / "scans" / "train.nii.gz", description="training scan")
+    log(f"sr: training {settings.steps} steps ...")
+    checkpoint, seconds = _train(
+        "ct_sr_paired.yaml", workdir / "scans", workdir, task="ct-sr", window="chest-1024",
+        settings=settings, extra=[f"data.upsample={upsample}"],
+    )  # fmt: skip
+    model = load_model(checkpoint, device=settings.device)
+    rows = []
+    for name, (hu, affine) in tests.items():
+        n = [s // f * f for s, f in zip(hu.shape, FACTORS, strict=True)]
+        hr = hu[: n[0], : n[1], : n[2]]  # whole blocks only, as preprocess crops
+        thick, thick_affine = thick_slice(hr, affine, FACTORS)
+        start = time.perf_counter()
+        predicted = infer_volume(model, thick, thick_affine)
+        log(f"sr: {name}: inference {time.perf_counter() - start:.1f} s")
+        if predicted.array.shape != hr.shape:
+            raise ValueError(f"sr: prediction shape {predicted.array.shape} != HR shape {hr.shape}")
+        methods = {"model": predicted.array}
+        for baseline in ("tricubic", "trilinear"):
+            methods[baseline] = baseline_volume(
+                baseline, thick, thick_affine, factors=FACTORS, hr_shape=hr.shape
+            )[0]
+        for method, volume in methods.items():
+            rows.append({"test": name, "method": method, **window_metrics(volume, hr, SR_WINDOW)})
+    return {"settings": {**asdict(settings), "upsample": upsample, "factors": list(FACTORS)},
+            "window_hu": list(SR_WINDOW), "train_shape": list(train_scan[0].shape), "train_s": seconds,
+            "rows": rows, "target_db": SR_GAIN_DB}  # fmt: skip
+
+
+def body_mask(hu: np.ndarray) -> np.ndarray:
+    """The body: > −500 HU, largest connected component, holes filled per axial slice (lungs inside)."""
+    import numpy as np
+    from scipy import ndimage
+
+    from revgan_med.data.sampling import ct_foreground
+
+    labels, count = ndimage.label(ct_foreground(hu))
+    if count == 0:
+        return np.ones(hu.shape, bool)
+    body = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    return np.stack([ndimage.binary_fill_holes(body[..., z]) for z in range(hu.shape[2])], axis=-1)
+
+
+def blur(hu: np.ndarray, sigma: float) -> np.ndarray:
+    """In-plane Gaussian blur (a reconstruction kernel acts within each slice)."""
+    from scipy.ndimage import gaussian_filter
+
+    return gaussian_filter(hu.astype("float32"), (sigma, sigma, 0.0))
+
+
+def unsharp(hu: np.ndarray, sigma: float, amount: float) -> np.ndarray:
+    """In-plane unsharp mask ``x + amount · (x − blur(x, sigma))``."""
+    return hu + amount * (hu - blur(hu, sigma))
+
+
+def tune_filters(smooth: np.ndarray, sharp: np.ndarray, mask: np.ndarray) -> dict[str, dict[str, float]]:
+    """Grid search, by PSNR in the nlst window over `mask`, of the unsharp mask smooth→sharp and the
+    Gaussian blur sharp→smooth → ``{"unsharp": {sigma, amount, psnr}, "blur": {sigma, psnr}}``."""
+    import numpy as np
+
+    lo, hi = KERNEL_WINDOW
+    ref_sharp, ref_smooth = np.clip(sharp[mask], lo, hi), np.clip(smooth[mask], lo, hi)
+
+    def psnr(pred: np.ndarray, ref: np.ndarray) -> float:  # PSNR only: SSIM would dominate the ~70 fits
+        mse = np.mean((np.clip(pred[mask], lo, hi) - ref).astype(np.float64) ** 2)
+        return float(10 * np.log10((hi - lo) ** 2 / mse))
+
+    blurs = {s: blur(smooth, s) for s in SIGMAS}
+    unsharps = [{"sigma": s, "amount": a, "psnr": psnr(smooth + a * (smooth - blurs[s]), ref_sharp)}
+                for s in SIGMAS for a in AMOUNTS]  # fmt: skip
+    blurs_sharp = [{"sigma": s, "psnr": psnr(blur(sharp, s), ref_smooth)} for s in SIGMAS]
+    return {
+        "unsharp": max(unsharps, key=lambda r: r["psnr"]),
+        "blur": max(blurs_sharp, key=lambda r: r["psnr"]),
+    }
+
+
+def run_kernel(
+    smooth: np.ndarray, sharp: np.ndarray, affine: np.ndarray, *, settings: TrainSettings, workdir: Path,
+    names: tuple[str, str] = ("smooth", "sharp"), log: Log = print,
+) -> dict[str, Any]:  # fmt: skip
+    """Train one paired smooth→sharp model on x < half of a same-scan pair (HU, one grid); test both
+    directions on x ≥ half against doing nothing and the filters tuned on x < half."""
+    import numpy as np
+
+    from revgan_med.inference import infer_volume, load_model
+    from revgan_med.io import save_volume
+
+    if smooth.shape != sharp.shape or smooth.ndim != 3:
+        raise ValueError(f"kernel pair: shapes {smooth.shape} and {sharp.shape} differ or are not 3D")
+    half = smooth.shape[0] // 2
+    test_affine = np.asarray(affine, dtype=np.float64).copy()
+    test_affine[:3, 3] += half * test_affine[:3, 0]  # voxel (half, 0, 0) is the test part's origin
+    train, test = (smooth[:half], sharp[:half]), (smooth[half:], sharp[half:])
+    for role, array in zip(("source", "target"), train, strict=True):
+        save_volume(
+            array, affine, workdir / "scans" / "pair" / f"{role}.nii.gz", description=f"training {role}"
+        )
+    filters = tune_filters(*train, body_mask(train[0]))
+    log(f"kernel: tuned on the training half: {filters}")
+    log(f"kernel: training {settings.steps} steps ...")
+    checkpoint, seconds = _train("ct_kernel_paired.yaml", workdir / "scans", workdir, task="ct-kernel",
+                                 window="nlst", settings=settings, extra=["loss.gan=none"])  # fmt: skip
+    model = load_model(checkpoint, device=settings.device)
+    # a window as tall as the volume is predicted whole, as the training patches saw it; else its centre half
+    target = tuple(c if n <= c else c // 2 for c, n in zip(model.patch_size, test[0].shape, strict=True))
+    mask = body_mask(test[0])
+    f_unsharp, f_blur = filters["unsharp"], filters["blur"]
+    directions = [
+        ("forward", f"{names[0]}->{names[1]}", test[0], test[1],
+         (f"unsharp mask (sigma {f_unsharp['sigma']:g}, amount {f_unsharp['amount']:.3g})",
+          unsharp(test[0], f_unsharp["sigma"], f_unsharp["amount"]))),
+        ("inverse", f"{names[1]}->{names[0]}", test[1], test[0],
+         (f"Gaussian blur (sigma {f_blur['sigma']:g})", blur(test[1], f_blur["sigma"]))),
+    ]  # fmt: skip
+    rows = []
+    for direction, label, source, reference, (filter_name, filtered) in directions:
+        start = time.perf_counter()
+        predicted = infer_volume(model, source, test_affine, direction=direction, target_size=target).array
+        log(f"kernel: {label}: inference {time.perf_counter() - start:.1f} s")
+        for method, volume in (
+            ("nothing (input)", source),
+            (f"tuned {filter_name}", filtered),
+            ("model", predicted),
+        ):
+            row = {"direction": label, "method": method}
+            row.update({f"{k}_all": v for k, v in window_metrics(volume, reference, KERNEL_WINDOW).items()})
+            row.update(
+                {f"{k}_body": v for k, v in window_metrics(volume, reference, KERNEL_WINDOW, mask).items()}
+            )
+            rows.append(row)
+    return {"settings": {**asdict(settings), "gan": "none", "split": f"x < {half} train, x >= {half} test"},
+            "window_hu": list(KERNEL_WINDOW), "filters": filters, "train_s": seconds, "rows": rows,
+            "body_fraction": float(mask.mean())}  # fmt: skip
+
+
+def format_sr(result: dict[str, Any]) -> str:
+    """The sr table: per test set, model / tricubic / trilinear, and the verdict on the target."""
+    s = result["settings"]
+    lines = [
+        f"sr x{tuple(s['factors'])}: {s['generator'] or 'config generator'} width {s['width']} "
+        f"depth {s['depth']}, "
+        f"patch {s['patch']}, {s['steps']} steps, lr {s['lr']:g}, upsample {s['upsample']}, "
+        f"trained {result['train_s']:.0f} s; window {result['window_hu']} HU",
+        f"{'test':<22}{'method':<11}{'MAE HU':>9}{'PSNR dB':>9}{'SSIM':>8}{'vs tricubic':>13}",
+    ]
+    for test in dict.fromkeys(r["test"] for r in result["rows"]):
+        rows = {r["method"]: r for r in result["rows"] if r["test"] == test}
+        for method, r in rows.items():
+            gain = r["psnr"] - rows["tricubic"]["psnr"]
+            lines.append(
+                f"{test:<22}{method:<11}{r['mae']:>9.2f}{r['psnr']:>9.2f}{r['ssim']:>8.4f}{gain:>+12.2f}"
+            )
+        met = rows["model"]["psnr"] - rows["tricubic"]["psnr"] >= result["target_db"]
+        lines.append(
+            f"{test:<22}target model >= tricubic + {result['target_db']:g} dB: {'yes' if met else 'NO'}"
+        )
+    return "\n".join(lines)
+
+
+def format_kernel(result: dict[str, Any]) -> str:
+    """The kernel table: per direction, nothing / tuned filter / model, all voxels and body only."""
+    s = result["settings"]
+    lines = [
+        f"kernel: {s['generator'] or 'config generator'} width {s['width']} depth {s['depth']}, "
+        f"patch {s['patch']}, "
+        f"{s['steps']} steps, lr {s['lr']:g}, gan none, {s['split']}, trained {result['train_s']:.0f} s; "
+        f"window {result['window_hu']} HU; body = {100 * result['body_fraction']:.0f} % of the test half",
+        f"{'direction':<10}{'method':<44}{'PSNR all':>9}{'PSNR body':>10}{'MAE body':>9}{'SSIM body':>10}",
+    ]
+    for direction in dict.fromkeys(r["direction"] for r in result["rows"]):
+        rows = [r for r in result["rows"] if r["direction"] == direction]
+        for r in rows:
+            lines.append(f"{direction:<10}{r['method']:<44}{r['psnr_all']:>9.2f}{r['psnr_body']:>10.2f}"
+                         f"{r['mae_body']:>9.2f}{r['ssim_body']:>10.4f}")  # fmt: skip
+        nothing, tuned, model = (r["psnr_body"] for r in rows)
+        within, over = model - tuned >= -KERNEL_WITHIN_DB, model - nothing >= KERNEL_OVER_INPUT_DB
+        lines.append(
+            f"{direction:<10}targets (body): model - tuned filter {model - tuned:+.2f} dB "
+            f"(>= -{KERNEL_WITHIN_DB:g}: {'yes' if within else 'NO'}), model - nothing "
+            f"{model - nothing:+.2f} dB (>= {KERNEL_OVER_INPUT_DB:g}: {'yes' if over else 'NO'})"
+        )
+    return "\n".join(lines)

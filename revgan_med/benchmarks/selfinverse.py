@@ -1,0 +1,153 @@
+"""Self-inverse vs paired on the real B/L kernel pair (issue 7 "Checked by"): parameters and PSNR.
+
+``ct_kernel_pair_philips_B_L`` in the shared data: ONE chest CT acquisition reconstructed with a smooth
+(B) and a sharp (L) kernel, voxel-aligned (512×512×20, 0.84 mm in-plane, 5 mm slices), in the NLST window
+[-900, 400] HU. Both objectives learn B → L AND L → B: ``paired`` with the generator pair of the paired
+objective (two networks for a plain generator), ``self-inverse`` with ONE network f = f⁻¹ trained by
+alternating the directions (half the parameters of the plain pair). Training patches come from the first
+60 % of the in-plane y axis, the test slab is the last 30 %; the table gives the generator parameters and
+the PSNR of both directions on the test slab, plus the inputs' own PSNR.
+
+The pair has 20 slices, fewer than the 24 the 3D PatchGAN needs, so both objectives run with
+``loss.gan: none`` (L1 only; the rows "w/o L_GAN" of the thesis) — the comparison is the same for both.
+
+Default (small, CPU) settings: residual resnet3d width 8, depth 2 (``--no-residual``: the thesis' plain
+generator, which must learn the identity first); 48×48×16 patches; 400 steps, Adam lr 1e-3.
+
+Examples:
+  revgan-med benchmark selfinverse
+  revgan-med benchmark selfinverse --generator rev_resnet3d --steps 1000 --json selfinverse.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+HELP = "self-inverse vs paired on the real B/L kernel pair: generator parameters and PSNR per direction"
+DEFAULT_PAIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ct_kernel_pair_philips_B_L"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pair", type=Path, default=DEFAULT_PAIR, help="folder with B/ and L/ DICOM series")
+    parser.add_argument("--generator", default="resnet3d", help="default: %(default)s")
+    parser.add_argument(
+        "--steps", type=int, default=400, help="training steps per run (default: %(default)s)"
+    )
+    parser.add_argument("--width", type=int, default=8, help="generator width (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)")
+    parser.add_argument(
+        "--residual", action=argparse.BooleanOptionalAction, default=True,
+        help="generator = input + learned correction, identity when untrained (default: on)",
+    )  # fmt: skip
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = run_experiment(
+        args.pair, generator=args.generator, steps=args.steps, width=args.width, lr=args.lr,
+        residual=args.residual, device=args.device, seed=args.seed,
+    )  # fmt: skip
+    print(format_table(result))
+    if args.json:
+        from revgan_med.io.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(result, indent=2))
+    return 0
+
+
+def run_experiment(
+    pair: Path,
+    *,
+    generator: str,
+    steps: int,
+    width: int,
+    lr: float,
+    residual: bool = True,
+    device: str = "auto",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Train paired and self-inverse on the pair; return parameter counts and test PSNRs (plain data)."""
+    import numpy as np
+    import torch
+
+    from revgan_med.benchmarks._pairs import (
+        build,
+        cut,
+        fit,
+        load_windowed,
+        parameter_count,
+        psnr_hu,
+        random_origin,
+    )
+    from revgan_med.benchmarks._pairs import translate as apply
+    from revgan_med.config import LossConfig
+    from revgan_med.data.transforms import CTWindow
+    from revgan_med.inference import resolve_device
+
+    for kernel in ("B", "L"):
+        if not (pair / kernel).is_dir():
+            raise ValueError(f"{pair / kernel}: kernel series not found (pass --pair)")
+    dev = resolve_device(device)
+    window = CTWindow(-900.0, 400.0)
+    smooth, sharp = load_windowed(pair / "B", window), load_windowed(pair / "L", window)
+    if smooth.shape != sharp.shape:
+        raise ValueError(f"{pair}: B {smooth.shape[1:]} and L {sharp.shape[1:]} are not on one grid")
+    ny, nz = smooth.shape[2], smooth.shape[3]
+    train_y, test_y = int(0.6 * ny), int(0.7 * ny)
+    size = [48, 48, min(16, nz)]
+    bounds = [(0, smooth.shape[1]), (0, train_y), (0, nz)]
+
+    def batches(step: int) -> dict[str, torch.Tensor]:
+        origin = random_origin(np.random.default_rng([seed, step]), bounds, size)
+        x, y = cut(smooth, origin, size), cut(sharp, origin, size)
+        return {"image": torch.from_numpy(x.copy())[None], "target": torch.from_numpy(y.copy())[None]}
+
+    test_x, test_t = smooth[:, :, test_y:], sharp[:, :, test_y:]
+    rows: list[dict[str, Any]] = [
+        {"objective": "input (no model)", "parameters": 0,
+         "psnr_forward": psnr_hu(test_x, test_t, window), "psnr_inverse": psnr_hu(test_t, test_x, window)}
+    ]  # fmt: skip
+    for name in ("paired", "self-inverse"):
+        torch.manual_seed(seed)
+        objective = build(
+            name,
+            generator=generator,
+            width=width,
+            depth=2,
+            disc_width=8,
+            loss=LossConfig(gan="none"),
+            residual=residual,
+        )
+        print(f"objective {name}:")
+        seconds = fit(objective, batches, steps=steps, lr=lr, device=dev)
+        objective.eval()
+        g = objective.generator
+        rows.append({
+            "objective": name, "parameters": parameter_count(g), "train_s": seconds,
+            "psnr_forward": psnr_hu(apply(g, test_x, dev, context=size), test_t, window),
+            "psnr_inverse": psnr_hu(apply(g.inverse, test_t, dev, context=size), test_x, window),
+        })  # fmt: skip
+    return {"pair": str(pair), "window_hu": [window.lo, window.hi], "generator": generator, "width": width,
+            "steps": steps, "lr": lr, "residual": residual, "device": str(dev), "rows": rows}  # fmt: skip
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Parameters and PSNR of both directions per objective."""
+    lo, hi = result["window_hu"]
+    lines = [
+        f"Self-inverse vs paired, B↔L kernel pair, PSNR in [{lo:g}, {hi:g}] HU on the held-out slab; "
+        f"{'residual ' if result['residual'] else ''}{result['generator']} width {result['width']}, "
+        f"{result['steps']} steps, lr {result['lr']:g}, {result['device']}",
+        "objective | generator parameters | B→L PSNR (dB) | L→B PSNR (dB)",
+        "--- | --- | --- | ---",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"{r['objective']} | {r['parameters']} | {r['psnr_forward']:.2f} | {r['psnr_inverse']:.2f}"
+        )
+    return "\n".join(lines)

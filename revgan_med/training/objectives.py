@@ -1,0 +1,259 @@
+"""Training objectives: small classes behind one training loop (thesis ``000_*`` §3.3, eq. 11 and 12).
+
+An objective owns the networks of one experiment and turns a batch into losses; the loop owns the
+optimisers, mixed precision, gradient synchronisation and the schedule. Per iteration the loop calls
+
+1. ``generator_step(batch)`` — losses of the generator side (discriminators frozen); the loop
+   back-propagates ``losses["loss"]`` and steps the optimisers of every role in
+   ``generator_roles()``;
+2. ``discriminator_step(batch)`` — losses of the discriminators on the fakes of step 1 (detached);
+   the loop steps the optimisers of ``discriminator_roles()``. Not called when there are none
+   (``loss.gan: none``).
+
+A batch is a dict with ``"image"`` (domain X, e.g. the degraded CT) and ``"target"`` (domain Y), both
+``(B, C, D, H, W)``; for the unpaired objective the two are drawn independently. Every step returns
+``{"loss": total (with grad), <component>: detached scalar, ...}``.
+
+A new objective (e.g. one with a registration network) subclasses `Objective`, registers itself with
+``@OBJECTIVES.register(name)``, and adds its extra networks to ``modules()``: each role gets its own
+Adam optimiser and schedule and is saved in checkpoints, without changes to the loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from revgan_med.config import LossConfig
+from revgan_med.registry import Registry
+
+OBJECTIVES = Registry("objective")
+
+
+def gan_loss(logits: torch.Tensor, *, real: bool, kind: str) -> torch.Tensor:
+    """GAN criterion on raw discriminator logits: ``lsgan`` (MSE to 1/0) or ``vanilla`` (BCE with logits).
+
+    Our own 5 lines: MONAI's PatchAdversarialLoss puts a LeakyReLU in front of the least-squares
+    criterion by default and uses sigmoid + BCELoss (unstable, refused under autocast) for ``bce``.
+    """
+    target = torch.full_like(logits, 1.0 if real else 0.0)
+    if kind == "lsgan":
+        return F.mse_loss(logits.float(), target.float())
+    if kind == "vanilla":
+        return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+    raise ValueError(f"unknown GAN criterion {kind!r}; valid: lsgan, vanilla")
+
+
+class ImagePool:
+    """History of generated images shown to a discriminator (CycleGAN, Shrivastava et al. 2017).
+
+    Our own: MONAI has no image pool. Until ``size`` images are stored each new image is stored and
+    returned; afterwards, per image, with probability 1/2 a random stored image is returned and
+    replaced by the new one. Stored on the CPU (it holds ``size`` full patches); the random choices
+    use the global torch generator, which checkpoints save, so a resumed run draws the same.
+    """
+
+    def __init__(self, size: int) -> None:
+        if size < 0:
+            raise ValueError(f"image pool size must be >= 0, got {size}")
+        self.size = size
+        self.images: list[torch.Tensor] = []
+
+    def query(self, batch: torch.Tensor) -> torch.Tensor:
+        """Return a batch of the same shape mixing ``batch`` (detached) with stored images."""
+        batch = batch.detach()
+        if self.size == 0:
+            return batch
+        out = []
+        for image in batch:
+            if len(self.images) < self.size:
+                self.images.append(image.cpu().clone())
+                out.append(image)
+            elif torch.rand(()) < 0.5:
+                index = int(torch.randint(self.size, ()))
+                out.append(self.images[index].to(image.device))
+                self.images[index] = image.cpu().clone()
+            else:
+                out.append(image)
+        return torch.stack(out)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"images": list(self.images)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.images = [image.clone() for image in state["images"]]
+
+
+class Objective(nn.Module):
+    """Base class: holds the generator (``forward`` X→Y, ``inverse`` Y→X) and the discriminators.
+
+    Args:
+        generator: one module; a reversible generator shares its core between both directions, a
+            plain baseline holds two networks.
+        discriminators: role → PatchGAN (``"disc_x"`` judges domain X, ``"disc_y"`` domain Y); empty
+            when ``loss.gan`` is ``none``.
+        loss: the ``loss:`` section of the config (criterion, weights, pool size).
+    """
+
+    #: discriminators see (input, output) concatenated on channels
+    conditional = False
+    #: batches hold corresponding patches of one case (False: image and target drawn independently)
+    paired_data = True
+
+    def __init__(
+        self, *, generator: nn.Module, discriminators: dict[str, nn.Module], loss: LossConfig
+    ) -> None:
+        super().__init__()
+        self.generator = generator
+        self.discriminators = nn.ModuleDict(discriminators)
+        self.loss = loss
+        if (loss.gan == "none") != (not discriminators):
+            raise ValueError(
+                f"loss.gan={loss.gan!r} needs {'no' if loss.gan == 'none' else 'two'} discriminators, "
+                f"got {sorted(discriminators)}"
+            )
+        self._fakes: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def discriminator_channels(cls, channels: int, gan: str) -> dict[str, int]:
+        """Role → input channels of the discriminators this objective needs for ``channels`` images."""
+        if gan == "none":
+            return {}
+        width = 2 * channels if cls.conditional else channels
+        return {"disc_x": width, "disc_y": width}
+
+    def modules_by_role(self) -> dict[str, nn.Module]:
+        """Every trained network by role; each gets an Adam optimiser and is checkpointed."""
+        return {"generator": self.generator, **dict(self.discriminators.items())}
+
+    def discriminator_roles(self) -> list[str]:
+        return list(self.discriminators)
+
+    def generator_roles(self) -> list[str]:
+        return [role for role in self.modules_by_role() if role not in self.discriminators]
+
+    def extra_state(self) -> dict[str, Any]:
+        """State beyond the networks' weights that a resumed run needs (tensors and plain data)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what `extra_state` returned."""
+
+    def _gan(self, role: str, images: torch.Tensor, *, real: bool) -> torch.Tensor:
+        return gan_loss(self.discriminators[role](images), real=real, kind=self.loss.gan)
+
+    def _discriminator_loss(self, role: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (self._gan(role, real, real=True) + self._gan(role, fake, real=False))
+
+    def generator_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def discriminator_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+def _total(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    total = torch.stack([value.float() for value in losses.values()]).sum()
+    return {"loss": total, **{name: value.detach() for name, value in losses.items()}}
+
+
+@OBJECTIVES.register("paired")
+class PairedObjective(Objective):
+    """Pix2pix in both directions (eq. 11): λ·(L1(F(x), y) + L1(G(y), x)) + cGAN(F, D_Y) + cGAN(G, D_X).
+
+    λ is ``loss.lambda_l1`` (100); D_Y sees (x, y or F(x)), D_X sees (y, x or G(y)). With
+    ``loss.gan: none`` only the L1 terms remain (the "w/o L_GAN" rows of thesis Table 4).
+    """
+
+    conditional = True
+
+    def generator_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x, y = batch["image"], batch["target"]
+        fake_y, fake_x = self.generator(x), self.generator.inverse(y)
+        losses = {
+            "l1_xy": self.loss.lambda_l1 * F.l1_loss(fake_y, y),
+            "l1_yx": self.loss.lambda_l1 * F.l1_loss(fake_x, x),
+        }
+        if self.discriminators:
+            losses["gan_xy"] = self._gan("disc_y", torch.cat([x, fake_y], 1), real=True)
+            losses["gan_yx"] = self._gan("disc_x", torch.cat([y, fake_x], 1), real=True)
+        self._fakes = {"x": fake_x.detach(), "y": fake_y.detach()}
+        return _total(losses)
+
+    def discriminator_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x, y = batch["image"], batch["target"]
+        fake_x, fake_y = self._fakes["x"], self._fakes["y"]
+        return _total(
+            {
+                "d_y": self._discriminator_loss("disc_y", torch.cat([x, y], 1), torch.cat([x, fake_y], 1)),
+                "d_x": self._discriminator_loss("disc_x", torch.cat([y, x], 1), torch.cat([y, fake_x], 1)),
+            }
+        )
+
+
+@OBJECTIVES.register("unpaired")
+class UnpairedObjective(Objective):
+    """CycleGAN-style (eq. 12): GAN(F, D_Y) + GAN(G, D_X) + λ_cycle·(|G(F(x)) − x| + |F(G(y)) − y|).
+
+    λ_cycle is ``loss.lambda_cycle`` (10). With ``loss.lambda_identity`` > 0 the CycleGAN identity
+    term λ_cycle·λ_identity·(|F(y) − y| + |G(x) − x|) is added. The discriminators see fakes through
+    image pools of ``loss.pool_size`` (50) images.
+    """
+
+    paired_data = False
+
+    def __init__(
+        self, *, generator: nn.Module, discriminators: dict[str, nn.Module], loss: LossConfig
+    ) -> None:
+        if loss.gan == "none":
+            raise ValueError("objective 'unpaired' needs a GAN loss: loss.gan must be lsgan or vanilla")
+        super().__init__(generator=generator, discriminators=discriminators, loss=loss)
+        self.pool_x = ImagePool(loss.pool_size)
+        self.pool_y = ImagePool(loss.pool_size)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"pool_x": self.pool_x.state_dict(), "pool_y": self.pool_y.state_dict()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.pool_x.load_state_dict(state["pool_x"])
+        self.pool_y.load_state_dict(state["pool_y"])
+
+    def generator_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x, y = batch["image"], batch["target"]
+        fake_y, fake_x = self.generator(x), self.generator.inverse(y)
+        lam = self.loss.lambda_cycle
+        losses = {
+            "gan_xy": self._gan("disc_y", fake_y, real=True),
+            "gan_yx": self._gan("disc_x", fake_x, real=True),
+            "cycle_x": lam * F.l1_loss(self.generator.inverse(fake_y), x),
+            "cycle_y": lam * F.l1_loss(self.generator(fake_x), y),
+        }
+        if self.loss.lambda_identity > 0:
+            weight = lam * self.loss.lambda_identity
+            losses["identity_y"] = weight * F.l1_loss(self.generator(y), y)
+            losses["identity_x"] = weight * F.l1_loss(self.generator.inverse(x), x)
+        self._fakes = {"x": fake_x.detach(), "y": fake_y.detach()}
+        return _total(losses)
+
+    def discriminator_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        fake_x, fake_y = self.pool_x.query(self._fakes["x"]), self.pool_y.query(self._fakes["y"])
+        return _total(
+            {
+                "d_y": self._discriminator_loss("disc_y", batch["target"], fake_y),
+                "d_x": self._discriminator_loss("disc_x", batch["image"], fake_x),
+            }
+        )
+
+
+def build_objective(
+    name: str, *, generator: nn.Module, discriminators: dict[str, nn.Module], loss: LossConfig
+) -> Objective:
+    """Build a registered objective (`OBJECTIVES.names()` lists them)."""
+    return OBJECTIVES.build(name, generator=generator, discriminators=discriminators, loss=loss)
+
+
+# objectives defined in their own modules register themselves into OBJECTIVES when imported
+from revgan_med.training import objectives_registration  # noqa: E402, F401

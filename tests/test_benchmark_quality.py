@@ -1,0 +1,108 @@
+"""The quality benchmark at toy size on phantoms: table structure, the held-out split, tuned filters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from revgan_med.benchmarks.quality import (
+    SIGMAS,
+    TrainSettings,
+    blur,
+    body_mask,
+    format_kernel,
+    format_sr,
+    run_kernel,
+    run_sr,
+    split_slab,
+    tune_filters,
+    unsharp,
+)
+from revgan_med.cli import main
+from revgan_med.data.phantom import make_phantom
+
+
+def _psnr(pred: np.ndarray, ref: np.ndarray, lo: float, hi: float, mask: np.ndarray) -> float:
+    err = np.clip(pred, lo, hi)[mask].astype(np.float64) - np.clip(ref, lo, hi)[mask]
+    return 10 * np.log10((hi - lo) ** 2 / np.mean(err**2))
+
+
+def test_split_slab_keeps_geometry() -> None:
+    hu = np.arange(4 * 4 * 40, dtype=np.float32).reshape(4, 4, 40)
+    affine = np.diag([1.5, 1.5, 2.0, 1.0])
+    (train, a_train), (test, a_test) = split_slab(hu, affine, fraction=0.7, multiple=4)
+    assert train.shape[2] == 28 and test.shape[2] == 40 - 36  # 0.7·40 → 28, gap of 2·4 slices
+    np.testing.assert_array_equal(test, hu[..., 36:])
+    assert np.allclose(a_test @ [0, 0, 0, 1], affine @ [0, 0, 36, 1]) and np.allclose(a_train, affine)
+
+
+def test_filters_and_body_mask() -> None:
+    ramp = np.zeros((9, 9, 3), np.float32)
+    ramp[4, 4, 1] = 100.0
+    assert np.isclose(blur(ramp, 1.0)[..., 1].sum(), 100.0)  # in-plane blur keeps the slice's mass
+    assert np.array_equal(blur(ramp, 1.0)[..., 0], ramp[..., 0])  # and does not mix slices
+    assert np.allclose(unsharp(ramp, 1.0, 0.0), ramp)
+    body = np.full((20, 20, 2), -1000.0, np.float32)
+    body[4:16, 4:16] = 40.0
+    body[7:13, 7:13] = -850.0  # a lung inside the body, a separate blob outside
+    body[0:2, 0:2] = 40.0
+    mask = body_mask(body)
+    assert mask[4:16, 4:16].all() and mask.sum() == 12 * 12 * 2
+
+
+@pytest.fixture(scope="module")
+def phantom_pair() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    smooth, affine = make_phantom((64, 64, 20), (1.0, 1.0, 2.5), seed=3, kernel="smooth")
+    sharp, _ = make_phantom((64, 64, 20), (1.0, 1.0, 2.5), seed=3, kernel="sharp")
+    return smooth, sharp, affine
+
+
+def test_tuned_filters_beat_doing_nothing_on_the_phantom_pair(phantom_pair) -> None:
+    smooth, sharp, _ = phantom_pair
+    mask = body_mask(smooth)
+    tuned = tune_filters(smooth, sharp, mask)
+    assert tuned["unsharp"]["psnr"] > _psnr(smooth, sharp, -900, 400, mask) + 0.5
+    assert tuned["blur"]["psnr"] > _psnr(sharp, smooth, -900, 400, mask) + 0.5
+    best = max(SIGMAS, key=lambda s: _psnr(blur(sharp, s), smooth, -900, 400, mask))
+    assert tuned["blur"]["sigma"] == best
+
+
+@pytest.mark.slow
+def test_kernel_experiment_toy(phantom_pair, tmp_path: Path) -> None:
+    smooth, sharp, affine = phantom_pair
+    settings = TrainSettings(steps=2, patch=(16, 16, 20), width=4, depth=1, disc_width=4, device="cpu")
+    result = run_kernel(smooth, sharp, affine, settings=settings, workdir=tmp_path, log=lambda m: None)
+    rows = result["rows"]
+    assert [r["direction"] for r in rows] == ["smooth->sharp"] * 3 + ["sharp->smooth"] * 3
+    assert [r["method"].split(" ")[0] for r in rows] == ["nothing", "tuned", "model"] * 2
+    test_mask = body_mask(smooth[32:])
+    nothing = rows[0]["psnr_body"]
+    assert np.isclose(nothing, _psnr(smooth[32:], sharp[32:], -900, 400, test_mask))  # the held-out half
+    for direction in (rows[:3], rows[3:]):
+        assert direction[1]["psnr_body"] > direction[0]["psnr_body"]  # tuned filter beats nothing
+        assert all(np.isfinite(r[k]) for r in direction for k in ("psnr_all", "mae_body", "ssim_body"))
+    table = format_kernel(result)
+    assert table.count("targets (body)") == 2 and "model" in table
+
+
+@pytest.mark.slow
+def test_sr_experiment_toy(tmp_path: Path) -> None:
+    train = make_phantom((48, 48, 48), seed=1)
+    test = make_phantom((32, 32, 34), seed=2)  # 34 slices: cropped to whole blocks of 4
+    settings = TrainSettings(steps=2, patch=(24, 24, 24), width=4, depth=1, disc_width=4, device="cpu")
+    result = run_sr(train, {"phantom": test}, settings=settings, workdir=tmp_path, log=lambda m: None)
+    rows = {r["method"]: r for r in result["rows"]}
+    assert list(rows) == ["model", "tricubic", "trilinear"]
+    assert all(np.isfinite(r[k]) for r in rows.values() for k in ("mae", "psnr", "ssim"))
+    # tricubic interpolation of block averages is closer to the smooth phantom than block repeats
+    assert rows["tricubic"]["psnr"] > 20.0
+    assert "target model >= tricubic + 0.5 dB" in format_sr(result)
+
+
+def test_cli_lists_quality(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["benchmark", "quality", "--help"])
+    assert exit_info.value.code == 0
+    assert "--kernel-steps" in capsys.readouterr().out

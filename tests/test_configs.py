@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from revgan_med.config import TASK_CHANNELS, load_config
+from revgan_med.data.transforms import parse_window
+from revgan_med.networks import generator_names
+from revgan_med.training.objectives import OBJECTIVES
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+EXPECTED = {
+    "ct_sr_paired",
+    "ct_sr_unpaired",
+    "ct_kernel_paired",
+    "ct_kernel_unpaired",
+    "dmri_sr_paired",
+    "demo",
+}
+
+
+def test_every_experiment_has_a_config():
+    assert {p.stem for p in CONFIGS} >= EXPECTED
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_loads_strictly_and_names_valid_parts(path):
+    config = load_config(path)
+    assert config.objective in OBJECTIVES
+    assert config.model.generator in generator_names()
+    assert config.train.decay_start <= config.train.steps
+    if config.task != "dmri-sr":
+        parse_window(config.data.window)
+
+
+def test_thesis_settings():
+    sr = load_config(CONFIGS[0].parent / "ct_sr_paired.yaml")
+    assert (sr.data.patch_size, sr.data.window, sr.data.factors) == ([128] * 3, "chest-1024", [2, 2, 4])
+    assert (sr.loss.lambda_l1, sr.train.lr, sr.train.betas) == (100.0, 2e-4, [0.5, 0.999])
+    assert load_config(CONFIGS[0].parent / "ct_kernel_paired.yaml").data.window == "nlst"
+    unpaired = load_config(CONFIGS[0].parent / "ct_sr_unpaired.yaml")
+    assert (unpaired.objective, unpaired.loss.lambda_cycle, unpaired.loss.pool_size) == ("unpaired", 10.0, 50)
+    dmri = load_config(CONFIGS[0].parent / "dmri_sr_paired.yaml")
+    assert dmri.data.patch_size == [24] * 3 and TASK_CHANNELS[dmri.task] == 6
+    demo = load_config(CONFIGS[0].parent / "demo.yaml")
+    assert max(demo.data.patch_size) <= 32 and demo.model.width <= 16 and demo.train.steps <= 500

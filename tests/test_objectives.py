@@ -1,0 +1,137 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from revgan_med.config import LossConfig, config_from_dict
+from revgan_med.training.distributed import DistributedContext
+from revgan_med.training.loop import build_training_objective, update
+from revgan_med.training.objectives import OBJECTIVES, ImagePool, gan_loss
+
+CPU = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def test_gan_criteria_match_their_formulas():
+    logits = torch.tensor([[-2.0, 0.0, 0.5, 3.0]])
+    assert gan_loss(logits, real=True, kind="lsgan").item() == pytest.approx((9 + 1 + 0.25 + 4) / 4)
+    assert gan_loss(logits, real=False, kind="lsgan").item() == pytest.approx((4 + 0 + 0.25 + 9) / 4)
+    sigmoid = [1 / (1 + math.exp(-v)) for v in logits[0].tolist()]
+    assert gan_loss(logits, real=True, kind="vanilla").item() == pytest.approx(
+        sum(-math.log(s) for s in sigmoid) / 4
+    )
+    assert gan_loss(logits, real=False, kind="vanilla").item() == pytest.approx(
+        sum(-math.log(1 - s) for s in sigmoid) / 4
+    )
+    with pytest.raises(ValueError, match="hinge"):
+        gan_loss(logits, real=True, kind="hinge")
+
+
+def test_image_pool_fills_then_mixes_history_and_round_trips():
+    torch.manual_seed(0)
+    pool = ImagePool(3)
+    first = torch.arange(3.0).view(3, 1)
+    assert torch.equal(pool.query(first), first)  # filling: every image comes straight back
+    seen = {0.0, 1.0, 2.0}
+    returned = set()
+    for value in range(3, 40):
+        out = pool.query(torch.tensor([[float(value)]]))
+        assert out.item() in seen | {float(value)}
+        returned.add(out.item() == value)
+        seen.add(float(value))
+    assert returned == {True, False}  # both the new image and stored ones were shown
+    state = pool.state_dict()
+    again = ImagePool(3)
+    again.load_state_dict(state)
+    torch.manual_seed(1)
+    a = pool.query(torch.tensor([[99.0]]))
+    torch.manual_seed(1)
+    b = again.query(torch.tensor([[99.0]]))
+    assert torch.equal(a, b)
+    assert torch.equal(ImagePool(0).query(first), first)
+
+
+def _objective(objective: str, gan: str, generator: str = "rev_resnet3d"):
+    config = config_from_dict(
+        {"objective": objective, "task": "ct-sr",
+         "model": {"generator": generator, "width": 4, "depth": 2, "disc_width": 4},
+         "loss": {"gan": gan, "pool_size": 2, "lambda_identity": 0.5}}
+    )  # fmt: skip
+    torch.manual_seed(0)
+    obj = build_training_objective(config)
+    optimizers = {r: torch.optim.Adam(m.parameters(), lr=1e-2) for r, m in obj.modules_by_role().items()}
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return obj, {"optimizers": optimizers, "scaler": scaler, "context": CPU}
+
+
+def _snapshot(obj):
+    return {role: [p.detach().clone() for p in m.parameters()] for role, m in obj.modules_by_role().items()}
+
+
+def _changed(before, obj) -> set[str]:
+    after = _snapshot(obj)
+    return {r for r in before if any(not torch.equal(a, b) for a, b in zip(before[r], after[r], strict=True))}
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    return {"image": torch.rand(1, 1, 24, 24, 24, generator=g) * 2 - 1,
+            "target": torch.rand(1, 1, 24, 24, 24, generator=g) * 2 - 1}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("objective", "gan", "generator"),
+    [
+        ("paired", "lsgan", "rev_resnet3d"),
+        ("paired", "vanilla", "resnet3d"),
+        ("unpaired", "lsgan", "rev_srcnn3d"),
+        ("unpaired", "vanilla", "rev_resnet3d"),
+    ],
+)
+def test_each_phase_gives_finite_losses_and_trains_only_its_networks(objective, gan, generator):
+    obj, kwargs = _objective(objective, gan, generator)
+    batch = _batch()
+    before = _snapshot(obj)
+    g_losses = update(obj, "generator", batch, **kwargs)
+    assert all(math.isfinite(v) for v in g_losses.values())
+    assert _changed(before, obj) == {"generator"}
+    assert all(
+        p.grad is None for role in ("disc_x", "disc_y") for p in obj.modules_by_role()[role].parameters()
+    )
+    before = _snapshot(obj)
+    d_losses = update(obj, "discriminator", batch, **kwargs)
+    assert all(math.isfinite(v) for v in d_losses.values())
+    assert _changed(before, obj) == {"disc_x", "disc_y"}
+    expected = {
+        "paired": {"l1_xy", "l1_yx", "gan_xy", "gan_yx"},
+        "unpaired": {"gan_xy", "gan_yx", "cycle_x", "cycle_y", "identity_x", "identity_y"},
+    }[objective]
+    assert set(g_losses) == expected | {"g_loss"}
+    assert g_losses["g_loss"] == pytest.approx(sum(g_losses[k] for k in expected), rel=1e-5)
+    assert set(d_losses) == {"d_loss", "d_x", "d_y"}
+
+
+def test_paired_without_gan_is_lambda_times_l1_both_ways_and_has_no_discriminators():
+    obj, kwargs = _objective("paired", "none")
+    assert obj.discriminator_roles() == [] and list(obj.modules_by_role()) == ["generator"]
+    batch = _batch()
+    with torch.no_grad():
+        l1_xy = F.l1_loss(obj.generator(batch["image"]), batch["target"]).item()
+        l1_yx = F.l1_loss(obj.generator.inverse(batch["target"]), batch["image"]).item()
+    losses = update(obj, "generator", batch, **kwargs)
+    assert losses["l1_xy"] == pytest.approx(100 * l1_xy, rel=1e-5)
+    assert losses["l1_yx"] == pytest.approx(100 * l1_yx, rel=1e-5)
+    assert losses["g_loss"] == pytest.approx(100 * (l1_xy + l1_yx), rel=1e-5)
+
+
+def test_paired_discriminators_are_conditional_and_unpaired_needs_a_gan():
+    assert OBJECTIVES.get("paired").discriminator_channels(6, "lsgan") == {"disc_x": 12, "disc_y": 12}
+    assert OBJECTIVES.get("unpaired").discriminator_channels(6, "lsgan") == {"disc_x": 6, "disc_y": 6}
+    with pytest.raises(ValueError, match="needs a GAN loss"):
+        OBJECTIVES.build(
+            "unpaired", generator=torch.nn.Identity(), discriminators={}, loss=LossConfig(gan="none")
+        )
+    with pytest.raises(ValueError, match="unknown objective 'pix2pix'"):
+        OBJECTIVES.get("pix2pix")
