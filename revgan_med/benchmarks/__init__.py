@@ -1,2 +1,23 @@
 """Benchmarks for `revgan-med benchmark NAME`; each module has `HELP`, `add_arguments(parser)`, `run(args)`.
 """
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_training_run_arguments(parser: argparse.ArgumentParser, *, steps: int, lr: float) -> None:
+    """The options shared by the experiments that train small models (`reggan`, `selfinverse`)."""
+    parser.add_argument(
+        "--steps", type=int, default=steps, help="training steps per run (default: %(default)s)"
+    )
+    parser.add_argument("--width", type=int, default=8, help="generator width (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=lr, help="Adam learning rate (default: %(default)s)")
+    parser.add_argument(
+        "--residual", action=argparse.BooleanOptionalAction, default=True,
+        help="generator = input + learned correction, identity when untrained (default: on)",
+    )  # fmt: skip
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")

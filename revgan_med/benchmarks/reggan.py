@@ -29,6 +29,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from revgan_med.benchmarks import add_training_run_arguments
+
 HELP = "RegGAN claim in 3D: PSNR of paired vs reggan training on CT pairs misaligned by noise level"
 DEFAULT_SCAN = (
     Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ct_chest_1p5mm" / "chest_ct.nii.gz"
@@ -42,19 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--levels", default="0,2,5", help="RegGAN noise levels (default: %(default)s)")
     parser.add_argument("--objectives", default=",".join(OBJECTIVES), help="default: %(default)s")
-    parser.add_argument(
-        "--steps", type=int, default=300, help="training steps per run (default: %(default)s)"
-    )
+    add_training_run_arguments(parser, steps=300, lr=2e-4)
     parser.add_argument("--patch", type=int, default=32, help="training patch side (default: %(default)s)")
-    parser.add_argument("--width", type=int, default=8, help="generator width (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (default: %(default)s)")
-    parser.add_argument(
-        "--residual", action=argparse.BooleanOptionalAction, default=True,
-        help="generator = input + learned correction, identity when untrained (default: on)",
-    )  # fmt: skip
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,6 +26,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from revgan_med.benchmarks import add_training_run_arguments
+
 HELP = "self-inverse vs paired on the real B/L kernel pair: generator parameters and PSNR per direction"
 DEFAULT_PAIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ct_kernel_pair_philips_B_L"
 
@@ -33,18 +35,7 @@ DEFAULT_PAIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pair", type=Path, default=DEFAULT_PAIR, help="folder with B/ and L/ DICOM series")
     parser.add_argument("--generator", default="resnet3d", help="default: %(default)s")
-    parser.add_argument(
-        "--steps", type=int, default=400, help="training steps per run (default: %(default)s)"
-    )
-    parser.add_argument("--width", type=int, default=8, help="generator width (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)")
-    parser.add_argument(
-        "--residual", action=argparse.BooleanOptionalAction, default=True,
-        help="generator = input + learned correction, identity when untrained (default: on)",
-    )  # fmt: skip
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    add_training_run_arguments(parser, steps=400, lr=1e-3)
 
 
 def run(args: argparse.Namespace) -> int:
