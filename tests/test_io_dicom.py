@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -305,7 +307,9 @@ def test_kernel_pair_share_geometry(shared_data):
 
 @pytest.mark.parametrize("series", ["ct_chest_dicom_philips/dcm", "ct_kernel_pair_philips_B_L/L"])
 def test_world_geometry_matches_dcm2niix(shared_data, tmp_path, series):
-    binary = shutil.which("dcm2niix")
+    # the console script sits beside the interpreter when the venv is not activated
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    binary = shutil.which("dcm2niix", path=search)
     assert binary, "dcm2niix (PyPI package in the test extra) must be installed"
     subprocess.run([binary, "-z", "n", "-f", "ref", "-o", str(tmp_path), str(shared_data / series)],
                    check=True, capture_output=True)  # fmt: skip
