@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+from typing import Any
 
 
 def add_training_run_arguments(parser: argparse.ArgumentParser, *, steps: int, lr: float) -> None:
@@ -21,3 +23,11 @@ def add_training_run_arguments(parser: argparse.ArgumentParser, *, steps: int, l
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+
+
+def write_json(path: Path | None, result: Any) -> None:
+    """Write a benchmark's numbers to `path` (atomically) when `--json` was given."""
+    if path is not None:
+        from revgan_med.io.atomic import atomic_write_text
+
+        atomic_write_text(path, json.dumps(result, indent=2) + "\n")

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from revgan_med.benchmarks import write_json
+
 HELP = "activation memory, peak memory and step time vs. depth: memory-saving vs plain vs MemCNN"
 MIB = 2.0**20
 VARIANTS = ("memory-saving", "plain", "memcnn")
@@ -73,10 +75,7 @@ def run(args: argparse.Namespace) -> int:
         progress=lambda msg: print(msg, file=sys.stderr, flush=True),
     )
     print(format_table(result))
-    if args.json is not None:
-        from revgan_med.io.atomic import atomic_write_text
-
-        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     return 0 if not result["failures"] else 1
 
 

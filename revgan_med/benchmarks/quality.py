@@ -37,13 +37,14 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from revgan_med.benchmarks import write_json
 
 if TYPE_CHECKING:
     import numpy as np
@@ -141,10 +142,7 @@ def run(args: argparse.Namespace) -> int:
             results["kernel"] = run_kernel(smooth, sharp, affine, settings=settings, workdir=work / "kernel",
                                            names=("B", "L"), log=log)  # fmt: skip
             print(format_kernel(results["kernel"]), flush=True)
-    if args.json is not None:
-        from revgan_med.io.atomic import atomic_write_text
-
-        atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
+    write_json(args.json, results)
     return 0
 
 

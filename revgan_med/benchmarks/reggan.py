@@ -25,11 +25,10 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
-from revgan_med.benchmarks import add_training_run_arguments
+from revgan_med.benchmarks import add_training_run_arguments, write_json
 
 HELP = "RegGAN claim in 3D: PSNR of paired vs reggan training on CT pairs misaligned by noise level"
 DEFAULT_SCAN = (
@@ -56,10 +55,7 @@ def run(args: argparse.Namespace) -> int:
         width=args.width, lr=args.lr, residual=args.residual, device=args.device, seed=args.seed,
     )  # fmt: skip
     print(format_table(result))
-    if args.json:
-        from revgan_med.io.atomic import atomic_write_text
-
-        atomic_write_text(args.json, json.dumps(result, indent=2))
+    write_json(args.json, result)
     return 0
 
 

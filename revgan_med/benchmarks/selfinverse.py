@@ -22,11 +22,10 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
-from revgan_med.benchmarks import add_training_run_arguments
+from revgan_med.benchmarks import add_training_run_arguments, write_json
 
 HELP = "self-inverse vs paired on the real B/L kernel pair: generator parameters and PSNR per direction"
 DEFAULT_PAIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ct_kernel_pair_philips_B_L"
@@ -44,10 +43,7 @@ def run(args: argparse.Namespace) -> int:
         residual=args.residual, device=args.device, seed=args.seed,
     )  # fmt: skip
     print(format_table(result))
-    if args.json:
-        from revgan_med.io.atomic import atomic_write_text
-
-        atomic_write_text(args.json, json.dumps(result, indent=2))
+    write_json(args.json, result)
     return 0
 
 

@@ -24,12 +24,13 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from revgan_med.benchmarks import write_json
 
 HELP = "inference voxels/s: our sliding window vs a naive window loop vs MONAI SlidingWindowInferer"
 TOLERANCE = 1e-5
@@ -69,10 +70,7 @@ def run(args: argparse.Namespace) -> int:
         progress=lambda m: print(m, file=sys.stderr, flush=True),
     )  # fmt: skip
     print(format_table(result))
-    if args.json is not None:
-        from revgan_med.io.atomic import atomic_write_text
-
-        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     return 0 if result["identical"] else 1
 
 
