@@ -29,6 +29,10 @@ def _choices(*values: str) -> dict[str, Any]:
     return {"choices": values}
 
 
+# how a thick-slice scan is mapped onto the HR grid (`revgan_med.data.degradation.upsample_to_hr`)
+UPSAMPLE_MODES = ("nearest", "trilinear", "tricubic")
+
+
 @dataclass
 class DataConfig:
     datalist: str = "datalist.json"
@@ -37,7 +41,7 @@ class DataConfig:
     samples_per_volume: int = 4
     foreground_fraction: float = 0.01
     factors: list[int] = field(default_factory=lambda: [2, 2, 4])  # super-resolution x, y, z
-    upsample: str = field(default="nearest", metadata=_choices("nearest", "trilinear"))
+    upsample: str = field(default="nearest", metadata=_choices(*UPSAMPLE_MODES))
     num_workers: int = 2
 
 

@@ -110,25 +110,6 @@ def compute_metrics(
 BASELINES = ("identity", "trilinear", "tricubic")
 
 
-def tricubic_upsample(lr: np.ndarray, factors: Sequence[int], hr_shape: Sequence[int]) -> np.ndarray:
-    """Centre-aligned cubic-spline upsampling of (x, y, z[, c]) onto the HR grid `hr_shape`.
-
-    HR voxel j lies at LR coordinate (j − (f − 1)/2) / f — the block-centre geometry of
-    ``thick_slice`` — clamped at the outermost LR centres, like the trilinear baseline. scipy's
-    ``map_coordinates(order=3)`` on that grid (MONAI's Resize has no centre-aligned cubic mode).
-    """
-    from scipy.ndimage import map_coordinates
-
-    axes = [
-        np.clip((np.arange(n) - (f - 1) / 2) / f, 0, m - 1)
-        for n, f, m in zip(hr_shape[:3], factors, lr.shape[:3], strict=True)
-    ]
-    coords = np.stack(np.meshgrid(*axes, indexing="ij"))
-    channels = [lr] if lr.ndim == 3 else [lr[..., c] for c in range(lr.shape[-1])]
-    out = [map_coordinates(np.asarray(ch, np.float64), coords, order=3, mode="nearest") for ch in channels]
-    return np.asarray(out[0] if lr.ndim == 3 else np.stack(out, axis=-1), dtype=np.float32)
-
-
 def baseline_volume(
     name: str, lr: np.ndarray, lr_affine: np.ndarray, *, factors: Sequence[int], hr_shape: Sequence[int]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -138,11 +119,8 @@ def baseline_volume(
 
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; valid: {', '.join(BASELINES)}")
-    mode = "nearest" if name == "identity" else "trilinear"
-    array, affine = upsample_to_hr(lr, lr_affine, factors, mode=mode, hr_shape=hr_shape[:3])
-    if name == "tricubic":
-        array = tricubic_upsample(lr, factors, hr_shape)
-    return array, affine
+    mode = "nearest" if name == "identity" else name
+    return upsample_to_hr(lr, lr_affine, factors, mode=mode, hr_shape=hr_shape[:3])
 
 
 @dataclass

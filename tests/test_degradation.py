@@ -45,7 +45,7 @@ def test_sizes_not_divisible_drop_the_remainder_and_channels_are_kept(rng):
         thick_slice(hr[:1], np.eye(4), (2, 2, 4))
 
 
-@pytest.mark.parametrize("mode", ["nearest", "trilinear"])
+@pytest.mark.parametrize("mode", ["nearest", "trilinear", "tricubic"])
 def test_round_trip_geometry_is_exact(oblique_affine, mode):
     hr = np.zeros((8, 6, 16), np.float32)
     lr, lr_affine = thick_slice(hr, oblique_affine, (2, 2, 4))
@@ -72,6 +72,25 @@ def test_trilinear_is_centre_aligned_and_exact_for_linear_functions():
     # beyond them the value is clamped to the outermost LR centre (edge), not extrapolated
     np.testing.assert_allclose(up[0, 3, 5], hr[1, 3, 5] - 3.0 * 0.5, atol=1e-4)  # the ramp at x = 0.5
     np.testing.assert_allclose(up[3, 3, 0], up[3, 3, 1], atol=1e-4)  # z = 0, 1 both clamp to z = 1.5
+
+
+def test_tricubic_equals_the_3d_spline_at_the_block_centre_coordinates(rng):
+    from scipy.ndimage import map_coordinates
+
+    lr = rng.normal(size=(4, 3, 5, 2)).astype(np.float32)
+    hr_shape = (9, 6, 19)  # one extra voxel in x and a dropped one in z, as `hr_shape` allows
+    up, _ = upsample_to_hr(lr, np.eye(4), (2, 2, 4), mode="tricubic", hr_shape=hr_shape)
+    # independent reference: scipy's 3D spline evaluated at every HR voxel's LR coordinate
+    axes = [np.clip((np.arange(n) - (f - 1) / 2) / f, 0, m - 1)
+            for n, f, m in zip(hr_shape, (2, 2, 4), lr.shape[:3], strict=True)]  # fmt: skip
+    coords = np.stack(np.meshgrid(*axes, indexing="ij"))
+    for c in range(2):
+        expected = map_coordinates(lr[..., c].astype(np.float64), coords, order=3, mode="nearest")
+        np.testing.assert_allclose(up[..., c], expected, atol=1e-5)
+    # at the LR centres themselves the spline interpolates: HR x = 2k + 0.5 is between voxels, but
+    # with factor 1 along an axis every HR voxel is an LR centre
+    same, _ = upsample_to_hr(lr[..., 0], np.eye(4), (1, 1, 1), mode="tricubic")
+    np.testing.assert_allclose(same, lr[..., 0], atol=1e-5)
 
 
 def test_hr_shape_pads_the_dropped_remainder_with_the_edge(rng):

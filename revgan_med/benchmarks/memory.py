@@ -205,12 +205,16 @@ def format_table(result: dict[str, Any]) -> str:
         )
     check = result["check"]
     if check:
-        lines.append(
+        memcnn = check.get("memcnn_param_grad_rel")
+        lines += [
             f"core check (depth {s['check_depth']}, random non-zero weights, float32): "
             f"max|C⁻¹(C(x)) − x| = {check['inverse_error']:.2e}; memory-saving vs plain: "
             f"output {check['output_diff']:.2e}, param-grad rel. {check['param_grad_rel']:.2e}, "
-            f"input-grad rel. {check['input_grad_rel']:.2e}"
-        )
+            f"input-grad rel. {check['input_grad_rel']:.2e}",
+            f"  param-grad rel. memory-saving vs plain in float64: {check['param_grad_rel_float64']:.2e}; "
+            f"float32 floor (plain float32 vs float64): {check['float32_floor']:.2e}"
+            + (f"; MemCNN vs plain, float32: {memcnn:.2e}" if memcnn is not None else ""),
+        ]
     lo, hi, ph = ratios["depth_low"], ratios["depth_high"], ratios["peak_depth_high"]
     for variant in VARIANTS:
         if variant in ratios:
@@ -366,15 +370,21 @@ def _discriminator_backward(disc: Any, fake: Any, real: Any) -> None:
 
 
 def _check(spec: dict[str, Any]) -> dict[str, Any]:
-    """Invertibility of the core and memory-saving vs plain parity, random non-zero weights, float32."""
+    """Invertibility of the core and gradient parity memory-saving vs plain, random non-zero weights.
+
+    Float32 parity is limited by float32 itself: a ReLU whose input is within rounding of zero can switch
+    between any two float32 computations and move the weight gradients by ~1e-4 relative at 64³. So the
+    check also reports that floor (plain float32 vs plain float64), the same comparison in float64 (the
+    reconstruction's own error) and MemCNN vs plain on the same blocks (same arithmetic, same floor).
+    """
     import torch
 
     from revgan_med.networks import build_generator, init_weights
 
     device = _device(spec["device"])
     torch.manual_seed(0)
-    cores = []
-    for saving in (True, False):
+
+    def core(saving: bool, dtype: torch.dtype) -> Any:
         gen = build_generator(
             spec["generator"],
             in_channels=1,
@@ -383,30 +393,52 @@ def _check(spec: dict[str, Any]) -> dict[str, Any]:
             depth=spec["depth"],
             memory_saving=saving,
         )
-        cores.append(gen.core.to(device))
-    init_weights(cores[0], zero_last=False)
-    cores[1].load_state_dict(cores[0].state_dict())
-    channels = cores[0].blocks[0].f[0].in_channels * 2
+        return gen.core.to(device, dtype)
+
+    reference = core(True, torch.float32)
+    init_weights(reference, zero_last=False)
+    channels = reference.blocks[0].f[0].in_channels * 2
     side = spec["size"] // (2 if "resnet" in spec["generator"] else 1)
     x = torch.randn(1, channels, side, side, side, device=device)
     with torch.no_grad():
-        inverse_error = (cores[0].inverse(cores[0](x)) - x).abs().max().item()
+        inverse_error = (reference.inverse(reference(x)) - x).abs().max().item()
     weight = torch.randn_like(x)
-    results = []
-    for core in cores:
-        leaf = x.clone().requires_grad_()
-        y = core(leaf)
-        (y * weight).sum().backward()
-        grads = torch.cat([p.grad.flatten() for p in core.parameters()])
-        results.append((y.detach(), leaf.grad, grads))
-        del y
-    (ya, gxa, gpa), (yb, gxb, gpb) = results
-    return {
-        "inverse_error": inverse_error,
-        "output_diff": (ya - yb).abs().max().item(),
-        "param_grad_rel": ((gpa - gpb).norm() / gpb.norm()).item(),
-        "input_grad_rel": ((gxa - gxb).norm() / gxb.norm()).item(),
-    }
+
+    def run(module: Any, dtype: torch.dtype, owner: Any = None) -> tuple[Any, Any, Any]:
+        """(output, input gradient, parameter gradients in `owner`'s order) of ``sum(weight · module(x))``."""
+        leaf = x.to(dtype).clone().requires_grad_()
+        y = module(leaf)
+        (y * weight.to(dtype)).sum().backward()
+        params = list((owner or module).parameters())
+        grads = torch.cat([p.grad.flatten() for p in params]).double()
+        for p in params:
+            p.grad = None
+        return y.detach().double(), leaf.grad.double(), grads
+
+    def rel(a: Any, b: Any) -> float:
+        return ((a - b).norm() / b.norm()).item()
+
+    out: dict[str, Any] = {"inverse_error": inverse_error}
+    results = {}
+    for dtype in (torch.float32, torch.float64):
+        for saving in (True, False):
+            module = core(saving, dtype)
+            module.load_state_dict(reference.state_dict())
+            results[(saving, dtype)] = run(module, dtype)
+    (ya, gxa, gpa), (yb, gxb, gpb) = results[(True, torch.float32)], results[(False, torch.float32)]
+    out.update(
+        output_diff=(ya - yb).abs().max().item(),
+        param_grad_rel=rel(gpa, gpb),
+        input_grad_rel=rel(gxa, gxb),
+        param_grad_rel_float64=rel(results[(True, torch.float64)][2], results[(False, torch.float64)][2]),
+        float32_floor=rel(gpb, results[(False, torch.float64)][2]),
+    )
+    if _memcnn_available():
+        plain = core(False, torch.float32)
+        plain.load_state_dict(reference.state_dict())
+        # MemCNN registers Gm before Fm: read the gradients in our parameter order
+        out["memcnn_param_grad_rel"] = rel(run(_memcnn_core(plain.blocks), torch.float32, plain)[2], gpb)
+    return out
 
 
 def _device(name: str) -> Any:

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from revgan_med.benchmarks import write_json
+from revgan_med.config import UPSAMPLE_MODES
 
 if TYPE_CHECKING:
     import numpy as np
@@ -98,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sr-generator", default=None, help="sr generator (default: the config's)")
     parser.add_argument("--kernel-generator", default="rev_srcnn3d", help="kernel generator (%(default)s)")
     parser.add_argument(
-        "--upsample", default="trilinear", choices=("nearest", "trilinear"), help="sr input (%(default)s)"
+        "--upsample", default="tricubic", choices=UPSAMPLE_MODES, help="sr input (%(default)s)"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (%(default)s)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto")
@@ -201,7 +202,7 @@ def window_metrics(
 
 def run_sr(
     train_scan: tuple[np.ndarray, np.ndarray], tests: dict[str, tuple[np.ndarray, np.ndarray]], *,
-    settings: TrainSettings, upsample: str = "trilinear", workdir: Path, log: Log = print,
+    settings: TrainSettings, upsample: str = "tricubic", workdir: Path, log: Log = print,
 ) -> dict[str, Any]:  # fmt: skip
     """Train ×(2,2,4) on `train_scan` (HU, affine); test model / tricubic / trilinear on each of `tests`."""
     from revgan_med.data.degradation import thick_slice

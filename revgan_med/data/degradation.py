@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from revgan_med.config import UPSAMPLE_MODES
+
 SIMULATED_KERNEL_NOTE = (
     "SIMULATED kernel pair (Gaussian MTF + FBP-shaped noise), not a scanner reconstruction"
 )
@@ -61,6 +63,22 @@ def _fit_shape(array: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     return np.pad(array, pad, mode="edge") if any(p[1] for p in pad) else array
 
 
+def _cubic_weights(m: int, n: int, f: int) -> np.ndarray:
+    """(n, m) matrix of 1D centre-aligned cubic-spline interpolation from m LR to n HR samples.
+
+    HR sample j lies at LR coordinate (j − (f − 1)/2) / f, clamped to the outermost LR centres. The
+    tensor-product spline of scipy's ``map_coordinates(order=3, mode="nearest")`` is separable, so three
+    small matrices applied along the axes give its 3D result without a coordinate array per voxel
+    (MONAI's Resize has no centre-aligned cubic mode; torch has no 3D cubic interpolation).
+    """
+    from scipy.ndimage import map_coordinates
+
+    coords = np.clip((np.arange(n) - (f - 1) / 2) / f, 0, m - 1)[None]
+    basis = np.eye(m)
+    columns = [map_coordinates(basis[k], coords, order=3, mode="nearest") for k in range(m)]
+    return np.stack(columns, axis=1).astype(np.float32)
+
+
 def upsample_to_hr(
     lr_array: np.ndarray,
     lr_affine: np.ndarray,
@@ -72,7 +90,8 @@ def upsample_to_hr(
 
     "nearest" repeats each LR voxel over its block (the HCP setup, §5.3); "trilinear" interpolates
     between LR voxel centres (centre-aligned, values clamped beyond the outermost centres), which is
-    exact for functions linear in the voxel index. `hr_shape` defaults to `factors × lr shape`.
+    exact for functions linear in the voxel index; "tricubic" is the cubic-spline version of the same
+    geometry. `hr_shape` defaults to `factors × lr shape`.
     """
     f = _factors(factors)
     lr = np.asarray(lr_array, dtype=np.float32)
@@ -87,8 +106,14 @@ def upsample_to_hr(
         t = torch.from_numpy(np.ascontiguousarray(np.moveaxis(lr.reshape(*lr.shape[:3], -1), 3, 0)))
         up = F.interpolate(t[None], size=full, mode="trilinear", align_corners=False)[0]
         hr = np.moveaxis(up.numpy(), 0, 3).reshape(*full, *lr.shape[3:])
+    elif mode == "tricubic":
+        hr = lr
+        for axis in range(3):
+            n = full[axis] if hr_shape is None else int(hr_shape[axis])
+            weights = _cubic_weights(lr.shape[axis], n, int(f[axis]))
+            hr = np.moveaxis(np.tensordot(weights, hr, axes=(1, axis)), 0, axis)
     else:
-        raise ValueError(f"upsample mode {mode!r}: expected nearest or trilinear")
+        raise ValueError(f"upsample mode {mode!r}: expected one of {', '.join(UPSAMPLE_MODES)}")
     if hr_shape is not None:
         hr = _fit_shape(hr, tuple(int(s) for s in hr_shape[:3]))
     return np.ascontiguousarray(hr), np.asarray(lr_affine, dtype=np.float64) @ np.linalg.inv(block_matrix(f))
