@@ -37,7 +37,10 @@ def test_config_loads_strictly_and_names_valid_parts(path):
 def test_thesis_settings():
     sr = load_config(CONFIGS[0].parent / "ct_sr_paired.yaml")
     assert (sr.data.patch_size, sr.data.window, sr.data.factors) == ([128] * 3, "chest-1024", [2, 2, 4])
-    assert (sr.loss.lambda_l1, sr.train.lr, sr.train.betas) == (100.0, 2e-4, [0.5, 0.999])
+    assert (sr.loss.lambda_l1, sr.train.betas) == (100.0, [0.5, 0.999])
+    # the thesis's rate everywhere except where a higher one was measured better (README, "Differences")
+    assert sr.train.lr == 1e-3
+    assert load_config(CONFIGS[0].parent / "ct_kernel_paired.yaml").train.lr == 2e-4
     assert load_config(CONFIGS[0].parent / "ct_kernel_paired.yaml").data.window == "nlst"
     unpaired = load_config(CONFIGS[0].parent / "ct_sr_unpaired.yaml")
     assert (unpaired.objective, unpaired.loss.lambda_cycle, unpaired.loss.pool_size) == ("unpaired", 10.0, 50)

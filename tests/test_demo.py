@@ -115,19 +115,25 @@ def test_a_new_demo_run_clears_only_its_own_files(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_end_to_end_with_few_steps(tmp_path, capsys):
+def test_demo_end_to_end_beats_the_interpolation_baselines(tmp_path, capsys):
+    """The whole `make demo` run (default steps, ~4 min on 2 cores): the promise of the Quick start."""
     out = tmp_path / "demo"
-    assert main(["demo", "--output", str(out), "--steps", "2", "--device", "cpu"]) == 0
+    assert main(["demo", "--output", str(out), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "[6/6] report done" in printed and str(out / "report.md") in printed
     report = (out / "report.md").read_text()
     rows = [ln for ln in report.splitlines() if ln.startswith(("| RevGAN", "| trilinear", "| tricubic"))]
     assert len(rows) == 3
+    table = {}
     for row in rows:
-        cells = [c.strip() for c in row.strip("|").split("|")[1:]]
-        values = [float(c) for c in cells]  # every cell a number
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        values = [float(c) for c in cells[1:]]  # every cell a number: MAE, RMSE, PSNR, SSIM
         assert len(values) == 4 and 0.0 <= values[3] <= 1.0
-    assert re.search(r"did NOT beat|beat both", report)
+        table[cells[0].split()[0]] = values
+    model = table.pop("RevGAN")
+    for name, baseline in table.items():
+        assert model[0] < baseline[0] and model[2] > baseline[2] and model[3] > baseline[3], name
+    assert "beat both" in report and "did NOT beat" not in report
     for png in re.findall(r"!\[[^]]*\]\(([^)]+)\)", report):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC
     assert (out / "test" / "prediction.nii.gz").is_file()
