@@ -296,6 +296,14 @@ def _peak_tracker(device: Any) -> tuple[Callable[[], None], Callable[[], float]]
     return reset_cpu, lambda: (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss["v"]) / 1024.0
 
 
+def _generator(spec: dict[str, Any], *, memory_saving: bool) -> Any:
+    """The benchmarked generator of `spec` (1 → 1 channel, thesis initialisation)."""
+    from revgan_med.networks import build_generator
+
+    return build_generator(spec["generator"], in_channels=1, out_channels=1, width=spec["width"],
+                           depth=spec["depth"], memory_saving=memory_saving)
+
+
 def _step(spec: dict[str, Any]) -> dict[str, Any]:
     """One measured G+D training step (+ `repeats` timed ones) of a variant at a depth."""
     import time
@@ -303,18 +311,11 @@ def _step(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from revgan_med.networks import build_discriminator, build_generator
+    from revgan_med.networks import build_discriminator
 
     device = _device(spec["device"])
     torch.manual_seed(0)
-    gen = build_generator(
-        spec["generator"],
-        in_channels=1,
-        out_channels=1,
-        width=spec["width"],
-        depth=spec["depth"],
-        memory_saving=spec["variant"] == "memory-saving",
-    )
+    gen = _generator(spec, memory_saving=spec["variant"] == "memory-saving")
     if spec["variant"] == "memcnn":
         gen.core = _memcnn_core(gen.core.blocks)
     gen = gen.to(device)
@@ -379,21 +380,13 @@ def _check(spec: dict[str, Any]) -> dict[str, Any]:
     """
     import torch
 
-    from revgan_med.networks import build_generator, init_weights
+    from revgan_med.networks import init_weights
 
     device = _device(spec["device"])
     torch.manual_seed(0)
 
     def core(saving: bool, dtype: torch.dtype) -> Any:
-        gen = build_generator(
-            spec["generator"],
-            in_channels=1,
-            out_channels=1,
-            width=spec["width"],
-            depth=spec["depth"],
-            memory_saving=saving,
-        )
-        return gen.core.to(device, dtype)
+        return _generator(spec, memory_saving=saving).core.to(device, dtype)
 
     reference = core(True, torch.float32)
     init_weights(reference, zero_last=False)
