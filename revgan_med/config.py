@@ -52,6 +52,7 @@ class ModelConfig:
     depth: int = 4
     memory_saving: bool = True
     residual: bool = False  # output = input + correction (not in the thesis; see build_generator)
+    linear_kernel: list[int] | None = None  # e.g. [7, 7, 1]: a linear filter path per direction
     disc_width: int = 64
 
 
@@ -81,6 +82,7 @@ class TrainConfig:
     val_every: int = 1000
     checkpoint_every: int = 1000
     log_every: int = 10  # metrics.csv / TensorBoard rows hold the mean losses over this many steps
+    linear_fit_batches: int = 32  # paired data: least-squares start of model.linear_kernel's paths
     amp: bool = False
     seed: int = 0
     device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))

@@ -41,7 +41,10 @@ def test_thesis_settings():
     # the thesis's rate everywhere except where a higher one was measured better (README, "Differences")
     assert sr.train.lr == 1e-3
     assert load_config(CONFIGS[0].parent / "ct_kernel_paired.yaml").train.lr == 2e-4
-    assert load_config(CONFIGS[0].parent / "ct_kernel_paired.yaml").data.window == "nlst"
+    # kernel conversion: the network sees the whole scanner range and has linear paths (README, "Differences")
+    for name in ("ct_kernel_paired", "ct_kernel_unpaired", "ct_kernel_selfinverse"):
+        assert load_config(CONFIGS[0].parent / f"{name}.yaml").data.window == "ct-full"
+    assert load_config(CONFIGS[0].parent / "ct_kernel_paired.yaml").model.linear_kernel == [7, 7, 1]
     unpaired = load_config(CONFIGS[0].parent / "ct_sr_unpaired.yaml")
     assert (unpaired.objective, unpaired.loss.lambda_cycle, unpaired.loss.pool_size) == ("unpaired", 10.0, 50)
     dmri = load_config(CONFIGS[0].parent / "dmri_sr_paired.yaml")

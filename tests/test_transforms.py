@@ -22,7 +22,8 @@ def test_parse_window_accepts_presets_strings_and_lists():
     assert parse_window("nlst") == (-900.0, 400.0)
     assert parse_window("-1000,500") == (-1000.0, 500.0)
     assert parse_window([-200, 300.5]) == (-200.0, 300.5)
-    assert set(WINDOWS) == {"chest-1024", "nlst"}
+    assert parse_window("ct-full") == (-1024.0, 3071.0)  # the 12-bit scanner range
+    assert set(WINDOWS) == {"chest-1024", "nlst", "ct-full"}
 
 
 @pytest.mark.parametrize("bad", ["lung", "1,2,3", "5,5", "400,-100", [1.0], "a,b", None, 7])

@@ -19,7 +19,7 @@ that fails is named in report.csv and the others go on. Exit code 0: all cases o
 
 Examples:
   revgan-med preprocess scans/ prep/ --task ct-sr --factors 2,2,4 --workers 4
-  revgan-med preprocess pairs/ prep_kernel/ --task ct-kernel --window nlst
+  revgan-med preprocess pairs/ prep_kernel/ --task ct-kernel --window ct-full
   revgan-med preprocess scans/ prep_kernel/ --task ct-kernel --pairs pairs.csv
   revgan-med preprocess dwi/ prep_dti/ --task dmri-sr --factors 2,2,2
 """
@@ -46,7 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input_dir", metavar="INPUT_DIR", help="folder of NIfTI files / DICOM series")
     parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="where cases, datalist.json, report.csv go")
     parser.add_argument("--task", required=True, choices=("ct-sr", "ct-kernel", "dmri-sr"))
-    parser.add_argument("--window", default="chest-1024", help="HU window: chest-1024, nlst or MIN,MAX")
+    parser.add_argument(
+        "--window", default="chest-1024", help="HU window: chest-1024, nlst, ct-full or MIN,MAX"
+    )
     parser.add_argument(
         "--factors", type=_factors, default=[2, 2, 4], help="X,Y,Z degradation (default 2,2,4)"
     )

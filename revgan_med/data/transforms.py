@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 from monai.transforms import InvertibleTransform, MapTransform, ScaleIntensityRange
 
-WINDOWS = {"chest-1024": (-1150.0, 350.0), "nlst": (-900.0, 400.0)}
+# ct-full: the 12-bit scanner range, nothing clipped (kernel conversion must see the lung texture
+# below -900 HU and bone above 400 HU that a display window would flatten)
+WINDOWS = {"chest-1024": (-1150.0, 350.0), "nlst": (-900.0, 400.0), "ct-full": (-1024.0, 3071.0)}
 WindowSpec = str | Sequence[float]
 
 

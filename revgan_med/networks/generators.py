@@ -11,7 +11,7 @@ thesis uses throughout.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ def generator_names() -> list[str]:
 
 def build_generator(
     name: str, *, in_channels: int, out_channels: int, width: int, depth: int, memory_saving: bool = True,
-    residual: bool = False,
+    residual: bool = False, linear_kernel: Sequence[int] | None = None,
 ) -> Generator:
     """Build the generator `name` (see `generator_names()`), initialised as in thesis §4.3.
 
@@ -45,6 +45,9 @@ def build_generator(
             with the decoders' last convs zero-initialised so the generator starts as the identity. Not in
             the thesis: for super-resolution and kernel conversion the output is the input plus a small
             correction, and learning that correction converges far faster than learning the identity.
+        linear_kernel: odd kernel size (x, y, z) of a `LinearPath` per direction, added to the output
+            (None: none). Not in the thesis: a reconstruction kernel is close to a linear in-plane
+            filter, which the normalised network approximates poorly but least squares fits exactly.
     """
     for arg, value, low in (("in_channels", in_channels, 1), ("out_channels", out_channels, 1),
                             ("width", width, 2), ("depth", depth, 0)):
@@ -60,13 +63,79 @@ def build_generator(
         memory_saving=memory_saving,
     )
     model.residual = residual
+    if linear_kernel is not None:
+        model.lin_y = LinearPath(in_channels, out_channels, linear_kernel)
+        model.lin_x = LinearPath(out_channels, in_channels, linear_kernel)
     init_weights(model)
     if residual:
         for dec in (model.dec_x, model.dec_y):
             last = [m for m in dec.modules() if isinstance(m, nn.Conv3d)][-1]
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
+    for path in (model.lin_x, model.lin_y) if linear_kernel is not None else ():
+        path.reset_parameters()
     return model
+
+
+class LinearPath(nn.Conv3d):
+    """A learned linear filter from a generator's input to its output, zero until trained or `fit`.
+
+    Replicate padding, so any volume size works. `solve` sets it by least squares at once: the best
+    filter between a smooth and a sharp kernel has a centre weight near 9, which Adam at lr 1e-3 would
+    need some ten thousand steps to reach.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: Sequence[int]) -> None:
+        kernel = tuple(kernel)
+        if len(kernel) != 3 or any(not isinstance(k, int) or k < 1 or k % 2 == 0 for k in kernel):
+            raise ValueError(f"linear_kernel must be three odd positive integers, got {list(kernel)}")
+        super().__init__(in_channels, out_channels, kernel, padding=tuple(k // 2 for k in kernel),
+                         padding_mode="replicate")  # fmt: skip
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    @torch.no_grad()
+    def normal_equations(
+        self, source: Tensor, target: Tensor, chunk: int = 1 << 16
+    ) -> tuple[Tensor, Tensor]:
+        """``(AᵀA, AᵀT)`` in float64 for inputs ``(B, in_channels, …)`` and targets ``(B, out_channels, …)``.
+
+        A's rows are each voxel's neighbourhood (in the weights' order) and a 1, T's rows its target; sums
+        over pairs are the normal equations of all of them. Only voxels whose whole neighbourhood lies
+        inside the input count (padded borders of small patches would bias the fit). Built a few slices
+        at a time to bound memory.
+        """
+        (kd, kh, kw), (pd, ph, pw) = self.kernel_size, self.padding
+        if any(n < k for n, k in zip(source.shape[2:], self.kernel_size, strict=True)):
+            raise ValueError(
+                f"linear path {list(self.kernel_size)}: input {list(source.shape[2:])} is smaller than it"
+            )
+        target = target[:, :, pd : target.shape[2] - pd, ph : target.shape[3] - ph, pw : target.shape[4] - pw]
+        target = target.movedim(1, -1)
+        depth = target.shape[1]
+        step = max(1, chunk // target.shape[2:4].numel())
+        gram = cross = 0
+        for start in range(0, depth, step):
+            stop = min(depth, start + step)
+            cols = source[:, :, start : stop + kd - 1].unfold(2, kd, 1).unfold(3, kh, 1).unfold(4, kw, 1)
+            cols = cols.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(-1, self.weight[0].numel()).double()
+            a = torch.cat([cols, cols.new_ones(cols.shape[0], 1)], dim=1)
+            gram = gram + a.T @ a
+            cross = cross + a.T @ target[:, start:stop].reshape(-1, self.out_channels).double()
+        return gram, cross
+
+    @torch.no_grad()
+    def solve(self, gram: Tensor, cross: Tensor, ridge: float = 1e-6) -> None:
+        """Set weights and bias to the least-squares solution of summed `normal_equations`.
+
+        A small ridge relative to the mean diagonal keeps flat (e.g. all-air) data solvable.
+        """
+        eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+        solution = torch.linalg.solve(gram + ridge * gram.diagonal().mean() * eye, cross)
+        self.weight.copy_(solution[:-1].T.reshape(self.weight.shape))
+        self.bias.copy_(solution[-1])
 
 
 class Branch(nn.Sequential):
@@ -115,7 +184,8 @@ class Generator(nn.Module):
 
     Inputs ``(B, C, D, H, W)`` of any spatial size: they are padded (replicate, at the far end) to a multiple
     of `multiple` for strided encoders and to at least `min_size` for the reflection padding, and the
-    output is cropped back to the input size. With `residual` the input is added to the output.
+    output is cropped back to the input size. With `residual` the input is added to the output; with
+    linear paths (`lin_y` for X → Y, `lin_x` for Y → X) their filtered input is added too.
     """
 
     def __init__(
@@ -125,15 +195,18 @@ class Generator(nn.Module):
         super().__init__()
         self.enc_x, self.enc_y, self.core, self.dec_x, self.dec_y = enc_x, enc_y, core, dec_x, dec_y
         self.multiple, self.min_size, self.residual = multiple, min_size, residual
+        self.lin_x: LinearPath | None = None
+        self.lin_y: LinearPath | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._translate(x, self.enc_x, self.core.forward, self.dec_y)
+        return self._translate(x, self.enc_x, self.core.forward, self.dec_y, self.lin_y)
 
     def inverse(self, y: Tensor) -> Tensor:
-        return self._translate(y, self.enc_y, self.core.inverse, self.dec_x)
+        return self._translate(y, self.enc_y, self.core.inverse, self.dec_x, self.lin_x)
 
     def _translate(
-        self, v: Tensor, enc: nn.Module, core: Callable[[Tensor], Tensor], dec: nn.Module
+        self, v: Tensor, enc: nn.Module, core: Callable[[Tensor], Tensor], dec: nn.Module,
+        lin: nn.Module | None,
     ) -> Tensor:
         if v.ndim != 5:
             raise ValueError(f"generator input must be (B, C, D, H, W), got shape {tuple(v.shape)}")
@@ -141,6 +214,8 @@ class Generator(nn.Module):
         pad = [max(s + (-s) % self.multiple, self.min_size) - s for s in size]
         padded = F.pad(v, (0, pad[2], 0, pad[1], 0, pad[0]), mode="replicate") if any(pad) else v
         out = dec(core(enc(padded)))[..., : size[0], : size[1], : size[2]]
+        if lin is not None:
+            out = out + lin(v)
         return v + out if self.residual else out
 
 

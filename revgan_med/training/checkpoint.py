@@ -104,6 +104,7 @@ def build_generator_from_config(config: Config) -> torch.nn.Module:
         depth=model.depth,
         memory_saving=model.memory_saving,
         residual=model.residual,
+        linear_kernel=model.linear_kernel,
     )
 
 

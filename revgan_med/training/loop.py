@@ -174,6 +174,11 @@ def _batches(
         state.epoch, state.batches_in_epoch = state.epoch + 1, 0
 
 
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """The images of a loader batch on `device` (metadata dropped)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in ("image", "target")}
+
+
 def _loader(dataset: Dataset, config: Config, context: DistributedContext) -> tuple[DataLoader, Any]:
     if len(dataset) < context.world_size * config.train.batch_size:
         raise ValueError(
@@ -343,10 +348,12 @@ def _run(config: Config, run_dir: Path, *, resume: bool, context: DistributedCon
     running: dict[str, list[float]] = {}
     batches = _batches(dataset, loader, sampler, state)
     objective.train()
+    if not resume and t.linear_fit_batches > 0:
+        fit_batches = (_to_device(next(batches), device) for _ in range(t.linear_fit_batches))
+        if objective.fit_linear_paths(fit_batches):
+            broadcast_module(objective, context)  # every rank starts from rank 0's fit
     while state.step < t.steps:
-        batch = {
-            k: v.to(device, non_blocking=True) for k, v in next(batches).items() if k in ("image", "target")
-        }
+        batch = _to_device(next(batches), device)
         losses = train_step(
             objective, batch, optimizers=optimizers, scaler=scaler, amp_dtype=amp_dtype, context=context
         )

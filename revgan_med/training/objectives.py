@@ -21,6 +21,7 @@ Adam optimiser and schedule and is saved in checkpoints, without changes to the 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -141,6 +142,32 @@ class Objective(nn.Module):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what `extra_state` returned."""
+
+    @torch.no_grad()
+    def fit_linear_paths(self, batches: Iterable[dict[str, torch.Tensor]]) -> bool:
+        """Least-squares start of the generator's linear paths (``model.linear_kernel``) from paired batches.
+
+        Each path is fitted to what the rest of the generator leaves, ``y − (F(x) − lin_y(x))`` for
+        X → Y and likewise for Y → X; a path shared by both directions (self-inverse) is fitted to both.
+        Returns False, consuming nothing, for unpaired data or a generator without linear paths.
+        """
+        g = self.generator
+        if not self.paired_data or getattr(g, "lin_y", None) is None:
+            return False
+        directions = ((g.lin_y, g.forward, "image", "target"), (g.lin_x, g.inverse, "target", "image"))
+        sums: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for batch in batches:
+            for path, translate, source, target in directions:
+                v = batch[source]
+                gram, cross = path.normal_equations(v, batch[target] - translate(v) + path(v))
+                if id(path) in sums:
+                    gram, cross = gram + sums[id(path)][0], cross + sums[id(path)][1]
+                sums[id(path)] = (gram, cross)
+        if not sums:
+            raise ValueError("fit_linear_paths: no batches")
+        for path, *_ in directions:
+            path.solve(*sums[id(path)])
+        return True
 
     def _gan(self, role: str, images: torch.Tensor, *, real: bool) -> torch.Tensor:
         return gan_loss(self.discriminators[role](images), real=real, kind=self.loss.gan)

@@ -49,7 +49,7 @@ class SelfInverseGenerator(Generator):
         core = generator.core
         if isinstance(core, SeparateCores):
             core.yx = core.xy
-        return cls(
+        inverse = cls(
             enc_x=generator.enc_x,
             enc_y=generator.enc_x,
             core=core,
@@ -59,6 +59,8 @@ class SelfInverseGenerator(Generator):
             min_size=generator.min_size,
             residual=generator.residual,
         )
+        inverse.lin_x = inverse.lin_y = generator.lin_y
+        return inverse
 
 
 @OBJECTIVES.register("self-inverse")

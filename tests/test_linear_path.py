@@ -1,0 +1,131 @@
+"""The generators' linear path: least-squares fit against known filters, zero start, sharing, training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from _training_data import tiny_config, write_kernel_datalist
+
+from revgan_med.config import LossConfig
+from revgan_med.networks import build_generator
+from revgan_med.networks.generators import LinearPath
+from revgan_med.training.checkpoint import load_checkpoint
+from revgan_med.training.loop import train
+from revgan_med.training.objectives import build_objective
+
+
+def _filtered(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Valid (unpadded) convolution: the voxels whose whole neighbourhood lies inside `x`."""
+    return F.conv3d(x, weight, bias)
+
+
+def test_solve_recovers_a_known_filter_and_bias_from_several_pairs():
+    torch.manual_seed(0)
+    weight, bias = torch.randn(2, 3, 5, 3, 1), torch.tensor([0.5, -2.0])
+    path = LinearPath(3, 2, (5, 3, 1))
+    sums = []
+    for size in ((12, 10, 6), (9, 14, 4)):
+        x = torch.randn(2, 3, *size)
+        target = torch.zeros(2, 2, *size)  # only the interior is fitted: the zero border must not count
+        target[:, :, 2:-2, 1:-1, :] = _filtered(x, weight, bias)
+        sums.append(path.normal_equations(x, target))
+    path.solve(*(a + b for a, b in zip(*sums, strict=True)))
+    torch.testing.assert_close(path.weight.data, weight, atol=1e-4, rtol=0)
+    torch.testing.assert_close(path.bias.data, bias, atol=1e-4, rtol=0)
+
+
+def test_path_rejects_even_kernels_and_inputs_smaller_than_the_kernel():
+    with pytest.raises(ValueError, match="three odd positive"):
+        LinearPath(1, 1, (4, 3, 1))
+    with pytest.raises(ValueError, match="smaller than it"):
+        LinearPath(1, 1, (7, 7, 1)).normal_equations(torch.zeros(1, 1, 6, 8, 8), torch.zeros(1, 1, 6, 8, 8))
+
+
+@pytest.mark.parametrize("name", ["rev_srcnn3d", "resnet3d"])
+def test_generator_with_linear_path_starts_as_without_and_handles_tiny_volumes(name):
+    torch.manual_seed(0)
+    plain = build_generator(name, in_channels=1, out_channels=1, width=4, depth=1, residual=True)
+    torch.manual_seed(0)
+    linear = build_generator(name, in_channels=1, out_channels=1, width=4, depth=1, residual=True,
+                             linear_kernel=[7, 7, 1])  # fmt: skip
+    assert {k for k in linear.state_dict() if k.startswith("lin_")} == {
+        "lin_x.weight", "lin_x.bias", "lin_y.weight", "lin_y.bias"
+    }
+    x = torch.randn(1, 1, 5, 3, 2)  # smaller than the kernel in-plane: replicate padding still works
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x), plain(x))
+        torch.testing.assert_close(linear(x), x)  # residual and zero path: the identity
+        linear.lin_y.bias.fill_(0.25)
+        torch.testing.assert_close(linear(x), x + 0.25)
+        torch.testing.assert_close(linear.inverse(x), x)
+
+
+def test_paired_objective_fits_each_direction_to_what_the_network_leaves():
+    """y is a known filter of x: after the fit the forward generator reproduces y in the interior, and the
+    inverse path is the least-squares filter from y back to x (checked against torch.linalg.lstsq)."""
+    torch.manual_seed(0)
+    weight, bias = torch.randn(1, 1, 3, 3, 3) * 0.3, torch.tensor([0.1])
+    xs = [torch.randn(1, 1, 12, 12, 12) for _ in range(3)]
+    batches = [{"image": x, "target": F.pad(_filtered(x, weight, bias), (1,) * 6)} for x in xs]
+    gen = build_generator("srcnn3d", in_channels=1, out_channels=1, width=4, depth=1, residual=True,
+                          linear_kernel=[3, 3, 3])  # fmt: skip
+    objective = build_objective("paired", generator=gen, discriminators={}, loss=LossConfig(gan="none"))
+    assert objective.fit_linear_paths(iter(batches))
+    with torch.no_grad():
+        for batch in batches:
+            inner = gen(batch["image"])[..., 1:-1, 1:-1, 1:-1]
+            torch.testing.assert_close(inner, batch["target"][..., 1:-1, 1:-1, 1:-1], atol=1e-4, rtol=0)
+    # inverse: rows = 3³ neighbourhoods of y (+1), targets x − y at the interior voxels
+    rows, targets = [], []
+    for batch in batches:
+        y, x = batch["target"][0, 0], batch["image"][0, 0]
+        cols = y.unfold(0, 3, 1).unfold(1, 3, 1).unfold(2, 3, 1).reshape(-1, 27)
+        rows.append(torch.cat([cols, torch.ones(len(cols), 1)], 1))
+        targets.append((x - y)[1:-1, 1:-1, 1:-1].reshape(-1, 1))
+    expected = torch.linalg.lstsq(torch.cat(rows).double(), torch.cat(targets).double()).solution
+    fitted = gen.lin_x.weight.data.reshape(-1).double()
+    torch.testing.assert_close(fitted, expected[:-1, 0], atol=1e-3, rtol=0)
+
+
+def test_unpaired_objective_and_generators_without_paths_fit_nothing():
+    gen = build_generator("srcnn3d", in_channels=1, out_channels=1, width=4, depth=1, linear_kernel=[3, 3, 3])
+    unpaired = build_objective("unpaired", generator=gen, discriminators={"disc_x": torch.nn.Identity(),
+                               "disc_y": torch.nn.Identity()}, loss=LossConfig())  # fmt: skip
+    batches = iter([{"image": torch.zeros(1, 1, 8, 8, 8), "target": torch.zeros(1, 1, 8, 8, 8)}])
+    assert not unpaired.fit_linear_paths(batches)
+    assert next(batches, None) is not None  # nothing consumed
+    plain = build_generator("srcnn3d", in_channels=1, out_channels=1, width=4, depth=1)
+    paired = build_objective("paired", generator=plain, discriminators={}, loss=LossConfig(gan="none"))
+    assert not paired.fit_linear_paths(batches)
+
+
+def test_self_inverse_shares_one_path_fitted_to_both_directions():
+    gen = build_generator("srcnn3d", in_channels=1, out_channels=1, width=4, depth=1, residual=True,
+                          linear_kernel=[1, 1, 1])  # fmt: skip
+    objective = build_objective("self-inverse", generator=gen, discriminators={}, loss=LossConfig(gan="none"))
+    f = objective.generator
+    assert f.lin_x is f.lin_y
+    # x → 3x and 3x → x: f(v) = v + g·v + b is one straight line through both sets of points
+    x = torch.rand(1, 1, 6, 6, 6) + 0.5
+    assert objective.fit_linear_paths(iter([{"image": x, "target": 3 * x}]))
+    v = np.concatenate([x.numpy().ravel(), 3 * x.numpy().ravel()])
+    slope, intercept = np.polyfit(v, np.concatenate([3 * x.numpy().ravel(), x.numpy().ravel()]), 1)
+    assert float(f.lin_y.weight.detach()) == pytest.approx(slope - 1, abs=1e-4)
+    assert float(f.lin_y.bias.detach()) == pytest.approx(intercept, abs=1e-4)
+
+
+def test_training_starts_from_the_fit_and_resume_does_not_refit(tmp_path):
+    datalist = write_kernel_datalist(tmp_path / "data")
+    overrides = ("model.residual=true", "model.linear_kernel=[5,5,1]", "loss.gan=none", "train.lr=0",
+                 "train.linear_fit_batches=2")  # fmt: skip
+    last = train(tiny_config(datalist, *overrides, "train.steps=1"), tmp_path / "run")
+    weights = load_checkpoint(last)["models"]["generator"]["lin_y.weight"]
+    assert weights.abs().sum() > 0  # fitted (lr 0: no gradient step changed it)
+    resumed = train(tiny_config(datalist, *overrides, "train.steps=2"), tmp_path / "run", resume=True)
+    torch.testing.assert_close(load_checkpoint(resumed)["models"]["generator"]["lin_y.weight"], weights)
+    unfitted = train(tiny_config(datalist, *overrides, "train.steps=1", "train.linear_fit_batches=0"),
+                     tmp_path / "zero")  # fmt: skip
+    assert load_checkpoint(unfitted)["models"]["generator"]["lin_y.weight"].abs().sum() == 0
+
