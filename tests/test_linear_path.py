@@ -116,6 +116,14 @@ def test_self_inverse_shares_one_path_fitted_to_both_directions():
     assert float(f.lin_y.bias.detach()) == pytest.approx(intercept, abs=1e-4)
 
 
+def test_registration_objectives_do_not_fit_misaligned_pairs():
+    gen = build_generator("srcnn3d", in_channels=1, out_channels=1, width=4, depth=1, linear_kernel=[3, 3, 3])
+    objective = build_objective("reggan", generator=gen, discriminators={}, loss=LossConfig(gan="none"))
+    batches = iter([{"image": torch.zeros(1, 1, 8, 8, 8), "target": torch.zeros(1, 1, 8, 8, 8)}])
+    assert not objective.fit_linear_paths(batches)
+    assert next(batches, None) is not None
+
+
 def test_training_starts_from_the_fit_and_resume_does_not_refit(tmp_path):
     datalist = write_kernel_datalist(tmp_path / "data")
     overrides = ("model.residual=true", "model.linear_kernel=[5,5,1]", "loss.gan=none", "train.lr=0",

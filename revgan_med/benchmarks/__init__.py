@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 
-def add_training_run_arguments(parser: argparse.ArgumentParser, *, steps: int, lr: float) -> None:
+def add_training_run_arguments(
+    parser: argparse.ArgumentParser, *, steps: int, lr: float, linear_kernel: list[int] | None = None
+) -> None:
     """The options shared by the experiments that train small models (`reggan`, `selfinverse`)."""
     parser.add_argument(
         "--steps", type=int, default=steps, help="training steps per run (default: %(default)s)"
@@ -20,9 +22,22 @@ def add_training_run_arguments(parser: argparse.ArgumentParser, *, steps: int, l
         "--residual", action=argparse.BooleanOptionalAction, default=True,
         help="generator = input + learned correction, identity when untrained (default: on)",
     )  # fmt: skip
+    parser.add_argument(
+        "--linear-kernel", type=_kernel, default=linear_kernel, metavar="X,Y,Z",
+        help=f"the generator's linear paths, model.linear_kernel, or none (default: {linear_kernel})",
+    )  # fmt: skip
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+
+
+def _kernel(text: str) -> list[int] | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected X,Y,Z odd integers, got {text!r}") from None
 
 
 def write_json(path: Path | None, result: Any) -> None:

@@ -53,11 +53,13 @@ def build(
     disc_width: int,
     loss: LossConfig,
     residual: bool = True,
+    linear_kernel: Sequence[int] | None = None,
 ) -> nn.Module:
     """A registered objective with a one-channel generator and the discriminators it asks for.
 
     `residual` builds the generator as input + learned correction (identity when untrained), as
-    ``model.residual`` does in the configs.
+    ``model.residual`` does in the configs; `linear_kernel` adds the linear paths (left at zero here:
+    the experiments train every part by gradient, the same for every objective).
     """
     from revgan_med.networks import build_discriminator, build_generator
     from revgan_med.training.objectives import OBJECTIVES, build_objective
@@ -70,6 +72,7 @@ def build(
         depth=depth,
         memory_saving=False,
         residual=residual,
+        linear_kernel=linear_kernel,
     )
     needed = OBJECTIVES.get(objective).discriminator_channels(1, loss.gan)
     discs = {r: build_discriminator("patchgan3d", in_channels=c, width=disc_width) for r, c in needed.items()}
@@ -83,11 +86,14 @@ def fit(
     steps: int,
     lr: float,
     device: torch.device,
+    linear_fit_batches: int = 0,
     log: Callable[[str], None] = print,
 ) -> float:
     """Train `objective` for `steps` iterations of the loop's `train_step` (Adam per role, constant lr).
 
-    `batches(step)` returns the step's batch. Returns the wall-clock seconds.
+    `batches(step)` returns the step's batch. With `linear_fit_batches`, the generator's linear paths
+    first get their least-squares start from that many further batches, as ``revgan-med train`` does.
+    Returns the wall-clock seconds.
     """
     from revgan_med.training.distributed import init_distributed
     from revgan_med.training.loop import train_step
@@ -98,6 +104,9 @@ def fit(
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     context = init_distributed(str(device.type))
     start = time.perf_counter()
+    if linear_fit_batches:
+        extra = range(steps, steps + linear_fit_batches)
+        objective.fit_linear_paths({k: v.to(device) for k, v in batches(i).items()} for i in extra)
     for step in range(steps):
         batch = {k: v.to(device) for k, v in batches(step).items()}
         losses = train_step(
@@ -129,10 +138,14 @@ def translate(
     return out[0].numpy()
 
 
-def psnr_hu(prediction: np.ndarray, reference: np.ndarray, window: CTWindow) -> float:
-    """PSNR (dB) of two network-unit volumes in HU, clipped to `window`, data range = window width."""
-    pred, ref = window.denormalize(prediction)[0], window.denormalize(reference)[0]
-    return compute_metrics(pred, ref, data_range=window.hi - window.lo)["psnr"]
+def psnr_hu(
+    prediction: np.ndarray, reference: np.ndarray, window: CTWindow, metric_window: CTWindow | None = None
+) -> float:
+    """PSNR (dB) of two `window` network-unit volumes in HU, clipped to `metric_window` (default
+    `window`), data range = its width."""
+    metric = metric_window or window
+    pred, ref = (np.clip(window.denormalize(v)[0], metric.lo, metric.hi) for v in (prediction, reference))
+    return compute_metrics(pred, ref, data_range=metric.hi - metric.lo)["psnr"]
 
 
 def parameter_count(module: nn.Module) -> int:

@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     objectives = [v.strip() for v in args.objectives.split(",")]
     result = run_experiment(
         args.scan, levels=levels, objectives=objectives, steps=args.steps, patch=args.patch,
-        width=args.width, lr=args.lr, residual=args.residual, device=args.device, seed=args.seed,
+        width=args.width, lr=args.lr, residual=args.residual, linear_kernel=args.linear_kernel,
+        device=args.device, seed=args.seed,
     )  # fmt: skip
     print(format_table(result))
     write_json(args.json, result)
@@ -69,6 +70,7 @@ def run_experiment(
     width: int,
     lr: float = 2e-4,
     residual: bool = True,
+    linear_kernel: list[int] | None = None,
     device: str = "auto",
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -112,6 +114,7 @@ def run_experiment(
                 disc_width=8,
                 loss=loss,
                 residual=residual,
+                linear_kernel=linear_kernel,
             )
             print(f"noise level {level:g}, objective {name}:")
             seconds = fit(objective, sampler, steps=steps, lr=lr, device=dev)
@@ -121,7 +124,8 @@ def run_experiment(
                          "misalignment_vox": sampler.mean_misalignment(), "train_s": seconds})  # fmt: skip
             print(f"  test PSNR {rows[-1]['psnr']:.2f} dB")
     return {"scan": str(scan), "window_hu": [window.lo, window.hi], "steps": steps, "patch": patch,
-            "width": width, "lr": lr, "residual": residual, "device": str(dev), "rows": rows}  # fmt: skip
+            "width": width, "lr": lr, "residual": residual, "linear_kernel": linear_kernel,
+            "device": str(dev), "rows": rows}  # fmt: skip
 
 
 class _MisalignedPatches:

@@ -1,10 +1,11 @@
 """Self-inverse vs paired on the real B/L kernel pair (issue 7 "Checked by"): parameters and PSNR.
 
 ``ct_kernel_pair_philips_B_L`` in the shared data: ONE chest CT acquisition reconstructed with a smooth
-(B) and a sharp (L) kernel, voxel-aligned (512×512×20, 0.84 mm in-plane, 5 mm slices), in the NLST window
-[-900, 400] HU. Both objectives learn B → L AND L → B: ``paired`` with the generator pair of the paired
-objective (two networks for a plain generator), ``self-inverse`` with ONE network f = f⁻¹ trained by
-alternating the directions (half the parameters of the plain pair). Training patches come from the first
+(B) and a sharp (L) kernel, voxel-aligned (512×512×20, 0.84 mm in-plane, 5 mm slices); the networks see
+the whole scanner range (ct-full, as the kernel configs), PSNR is in the NLST window [-900, 400] HU.
+Both objectives learn B → L AND L → B: ``paired`` with the generator pair of the paired objective (two
+networks for a plain generator), ``self-inverse`` with ONE network f = f⁻¹ trained by alternating the
+directions (half the parameters of the plain pair). Training patches come from the first
 60 % of the in-plane y axis, the test slab is the last 30 %; the table gives the generator parameters and
 the PSNR of both directions on the test slab, plus the inputs' own PSNR.
 
@@ -13,6 +14,8 @@ The pair has 20 slices, fewer than the 24 the 3D PatchGAN needs, so both objecti
 
 Default (small, CPU) settings: residual resnet3d width 8, depth 2 (``--no-residual``: the thesis' plain
 generator, which must learn the identity first); 48×48×16 patches; 400 steps, Adam lr 1e-3.
+``--linear-kernel 7,7,1`` adds the linear paths with their least-squares start (32 batches), as
+``revgan-med train`` does; the self-inverse network then has ONE path fitted to both directions.
 
 Examples:
   revgan-med benchmark selfinverse
@@ -40,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     result = run_experiment(
         args.pair, generator=args.generator, steps=args.steps, width=args.width, lr=args.lr,
-        residual=args.residual, device=args.device, seed=args.seed,
+        residual=args.residual, linear_kernel=args.linear_kernel, device=args.device,
+        seed=args.seed,
     )  # fmt: skip
     print(format_table(result))
     write_json(args.json, result)
@@ -55,6 +59,7 @@ def run_experiment(
     width: int,
     lr: float,
     residual: bool = True,
+    linear_kernel: list[int] | None = None,
     device: str = "auto",
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -80,7 +85,7 @@ def run_experiment(
         if not (pair / kernel).is_dir():
             raise ValueError(f"{pair / kernel}: kernel series not found (pass --pair)")
     dev = resolve_device(device)
-    window = CTWindow(-900.0, 400.0)
+    window, metric = CTWindow(-1024.0, 3071.0), CTWindow(-900.0, 400.0)  # as configs/ct_kernel_*.yaml
     smooth, sharp = load_windowed(pair / "B", window), load_windowed(pair / "L", window)
     if smooth.shape != sharp.shape:
         raise ValueError(f"{pair}: B {smooth.shape[1:]} and L {sharp.shape[1:]} are not on one grid")
@@ -97,7 +102,8 @@ def run_experiment(
     test_x, test_t = smooth[:, :, test_y:], sharp[:, :, test_y:]
     rows: list[dict[str, Any]] = [
         {"objective": "input (no model)", "parameters": 0,
-         "psnr_forward": psnr_hu(test_x, test_t, window), "psnr_inverse": psnr_hu(test_t, test_x, window)}
+         "psnr_forward": psnr_hu(test_x, test_t, window, metric),
+         "psnr_inverse": psnr_hu(test_t, test_x, window, metric)}
     ]  # fmt: skip
     for name in ("paired", "self-inverse"):
         torch.manual_seed(seed)
@@ -109,18 +115,20 @@ def run_experiment(
             disc_width=8,
             loss=LossConfig(gan="none"),
             residual=residual,
+            linear_kernel=linear_kernel,
         )
         print(f"objective {name}:")
-        seconds = fit(objective, batches, steps=steps, lr=lr, device=dev)
+        seconds = fit(objective, batches, steps=steps, lr=lr, device=dev, linear_fit_batches=32)
         objective.eval()
         g = objective.generator
         rows.append({
             "objective": name, "parameters": parameter_count(g), "train_s": seconds,
-            "psnr_forward": psnr_hu(apply(g, test_x, dev, context=size), test_t, window),
-            "psnr_inverse": psnr_hu(apply(g.inverse, test_t, dev, context=size), test_x, window),
+            "psnr_forward": psnr_hu(apply(g, test_x, dev, context=size), test_t, window, metric),
+            "psnr_inverse": psnr_hu(apply(g.inverse, test_t, dev, context=size), test_x, window, metric),
         })  # fmt: skip
-    return {"pair": str(pair), "window_hu": [window.lo, window.hi], "generator": generator, "width": width,
-            "steps": steps, "lr": lr, "residual": residual, "device": str(dev), "rows": rows}  # fmt: skip
+    return {"pair": str(pair), "window_hu": [metric.lo, metric.hi], "generator": generator, "width": width,
+            "steps": steps, "lr": lr, "residual": residual, "linear_kernel": linear_kernel,
+            "device": str(dev), "rows": rows}  # fmt: skip
 
 
 def format_table(result: dict[str, Any]) -> str:
