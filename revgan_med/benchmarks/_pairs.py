@@ -58,8 +58,8 @@ def build(
     """A registered objective with a one-channel generator and the discriminators it asks for.
 
     `residual` builds the generator as input + learned correction (identity when untrained), as
-    ``model.residual`` does in the configs; `linear_kernel` adds the linear paths (left at zero here:
-    the experiments train every part by gradient, the same for every objective).
+    ``model.residual`` does in the configs; `linear_kernel` adds the linear paths (zero at the start;
+    `fit` can give them their least-squares start).
     """
     from revgan_med.networks import build_discriminator, build_generator
     from revgan_med.training.objectives import OBJECTIVES, build_objective

@@ -78,7 +78,7 @@ def build_generator(
 
 
 class LinearPath(nn.Conv3d):
-    """A learned linear filter from a generator's input to its output, zero until trained or `fit`.
+    """A learned linear filter from a generator's input to its output, zero until trained or `solve`d.
 
     Replicate padding, so any volume size works. `solve` sets it by least squares at once: the best
     filter between a smooth and a sharp kernel has a centre weight near 9, which Adam at lr 1e-3 would
