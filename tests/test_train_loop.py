@@ -48,7 +48,7 @@ def _normalised_biases(config) -> set[str]:
     return keys
 
 
-def _assert_same_state(a: dict, b: dict) -> None:
+def _assert_same_state(a: dict, b: dict, atol: float = 1e-6) -> None:
     skip = {f"generator.{k}" for k in _normalised_biases(checkpoint_config(a))}
     assert skip, "the generator has convolutions followed by InstanceNorm"
     for role in a["models"]:
@@ -57,13 +57,13 @@ def _assert_same_state(a: dict, b: dict) -> None:
             if name in skip:
                 continue
             torch.testing.assert_close(
-                tensor, b["models"][role][key], rtol=0, atol=1e-6, msg=lambda m, k=name: f"{k}: {m}"
+                tensor, b["models"][role][key], rtol=0, atol=atol, msg=lambda m, k=name: f"{k}: {m}"
             )
     for role in a["optimizers"]:
         for pid, slot in a["optimizers"][role]["state"].items():
             for name in ("exp_avg", "exp_avg_sq"):
                 torch.testing.assert_close(
-                    slot[name], b["optimizers"][role]["state"][pid][name], rtol=0, atol=1e-6
+                    slot[name], b["optimizers"][role]["state"][pid][name], rtol=0, atol=atol
                 )
 
 
@@ -169,5 +169,8 @@ def test_run_killed_with_sigkill_resumes_to_the_same_result(datalist, tmp_path):
     assert 2 <= killed_at < 12
     assert main(["train", "--output", str(run), "--resume"]) == 0
     straight = train(tiny_config(datalist, *overrides), tmp_path / "straight")
-    _assert_same_state(load_checkpoint(straight), load_checkpoint(run / "checkpoints" / "last.pt"))
+    # another process need not round the first steps' sums identically (float32 CPU kernels are not
+    # bitwise reproducible across processes); Adam then moves small-gradient weights a few 1e-6 apart.
+    # A wrong resume (data position, RNG, schedule) moves them by ~lr = 2e-4 per step.
+    _assert_same_state(load_checkpoint(straight), load_checkpoint(run / "checkpoints" / "last.pt"), atol=2e-5)
     assert [r["step"] for r in _rows(run)] == [str(s) for s in range(1, 13)]
