@@ -103,6 +103,8 @@ class Objective(nn.Module):
     conditional = False
     #: batches hold corresponding patches of one case (False: image and target drawn independently)
     paired_data = True
+    #: those pairs are voxel-aligned (False: misregistered pairs, which a least-squares fit would blur)
+    aligned_pairs = True
 
     def __init__(
         self, *, generator: nn.Module, discriminators: dict[str, nn.Module], loss: LossConfig
@@ -149,24 +151,25 @@ class Objective(nn.Module):
 
         Each path is fitted to what the rest of the generator leaves, ``y − (F(x) − lin_y(x))`` for
         X → Y and likewise for Y → X; a path shared by both directions (self-inverse) is fitted to both.
-        Returns False, consuming nothing, for unpaired data or a generator without linear paths.
+        Returns False, consuming nothing, for unpaired or misaligned data or a generator without linear
+        paths.
         """
         g = self.generator
-        if not self.paired_data or getattr(g, "lin_y", None) is None:
+        if not (self.paired_data and self.aligned_pairs) or getattr(g, "lin_y", None) is None:
             return False
         directions = ((g.lin_y, g.forward, "image", "target"), (g.lin_x, g.inverse, "target", "image"))
-        sums: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        sums: dict[nn.Module, list[torch.Tensor]] = {}
         for batch in batches:
             for path, translate, source, target in directions:
                 v = batch[source]
                 gram, cross = path.normal_equations(v, batch[target] - translate(v) + path(v))
-                if id(path) in sums:
-                    gram, cross = gram + sums[id(path)][0], cross + sums[id(path)][1]
-                sums[id(path)] = (gram, cross)
+                if path in sums:
+                    gram, cross = gram + sums[path][0], cross + sums[path][1]
+                sums[path] = [gram, cross]
         if not sums:
             raise ValueError("fit_linear_paths: no batches")
-        for path, *_ in directions:
-            path.solve(*sums[id(path)])
+        for path, equations in sums.items():
+            path.solve(*equations)
         return True
 
     def _gan(self, role: str, images: torch.Tensor, *, real: bool) -> torch.Tensor:

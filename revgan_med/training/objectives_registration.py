@@ -127,10 +127,7 @@ class _Correction:
 
     registration: RegistrationNet
     loss: LossConfig
-
-    def fit_linear_paths(self, batches: Any) -> bool:
-        """No least-squares start: on misaligned pairs it would fit the misalignment (a blur)."""
-        return False
+    aligned_pairs = False  # the pairs are misregistered: no least-squares start of linear paths
 
     def _corrected(self, fake_y: Tensor, y: Tensor) -> dict[str, Tensor]:
         field = self.registration(fake_y, y)
