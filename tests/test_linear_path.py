@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from _training_data import tiny_config, write_kernel_datalist
 
-from revgan_med.config import LossConfig
+from revgan_med.config import ConfigError, LossConfig
 from revgan_med.networks import build_generator
-from revgan_med.networks.generators import LinearPath
+from revgan_med.networks.generators import DomainGate, LinearPath
 from revgan_med.training.checkpoint import load_checkpoint
-from revgan_med.training.loop import train
+from revgan_med.training.loop import build_training_objective, train
 from revgan_med.training.objectives import build_objective
 
 
@@ -101,19 +100,61 @@ def test_unpaired_objective_and_generators_without_paths_fit_nothing():
     assert not paired.fit_linear_paths(batches)
 
 
-def test_self_inverse_shares_one_path_fitted_to_both_directions():
+def test_self_inverse_keeps_both_paths_and_its_gate_picks_the_direction():
     gen = build_generator("srcnn3d", in_channels=1, out_channels=1, width=4, depth=1, residual=True,
                           linear_kernel=[1, 1, 1])  # fmt: skip
     objective = build_objective("self-inverse", generator=gen, discriminators={}, loss=LossConfig(gan="none"))
     f = objective.generator
-    assert f.lin_x is f.lin_y
-    # x → 3x and 3x → x: f(v) = v + g·v + b is one straight line through both sets of points
-    x = torch.rand(1, 1, 6, 6, 6) + 0.5
-    assert objective.fit_linear_paths(iter([{"image": x, "target": 3 * x}]))
-    v = np.concatenate([x.numpy().ravel(), 3 * x.numpy().ravel()])
-    slope, intercept = np.polyfit(v, np.concatenate([3 * x.numpy().ravel(), x.numpy().ravel()]), 1)
-    assert float(f.lin_y.weight.detach()) == pytest.approx(slope - 1, abs=1e-4)
-    assert float(f.lin_y.bias.detach()) == pytest.approx(intercept, abs=1e-4)
+    assert f.lin_x is not f.lin_y
+    # x → 3x and 3x → x: no straight line does both, the gated pair of paths (2v and −2v/3) does
+    torch.manual_seed(0)
+    x = torch.rand(8, 1, 8, 8, 8) + 0.5
+    batches = [{"image": x[:4], "target": 3 * x[:4]}, {"image": x[4:], "target": 3 * x[4:]}]
+    assert objective.fit_linear_paths(iter(batches))
+    assert float(f.lin_y.weight.detach()) == pytest.approx(2.0, abs=1e-4)
+    assert float(f.lin_x.weight.detach()) == pytest.approx(-2.0 / 3.0, abs=1e-4)
+    fresh = torch.rand(3, 1, 8, 8, 8) + 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(f(fresh), 3 * fresh, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(f(3 * fresh), fresh, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(f.inverse(3 * fresh), fresh, rtol=1e-4, atol=1e-4)
+
+
+def test_self_inverse_paths_are_fitted_not_trained(tmp_path):
+    gen = build_generator("srcnn3d", in_channels=1, out_channels=1, width=4, depth=1, residual=True,
+                          linear_kernel=[3, 3, 1])  # fmt: skip
+    objective = build_objective("self-inverse", generator=gen, discriminators={}, loss=LossConfig(gan="none"))
+    f = objective.generator
+    x = torch.rand(2, 1, 12, 12, 4)
+    assert objective.fit_linear_paths(iter([{"image": x, "target": 2 * x}]))
+    before = {k: v.clone() for k, v in f.state_dict().items()}
+    optimiser = torch.optim.Adam(f.parameters(), lr=0.1)
+    for batch in ({"image": x, "target": 2 * x}, {"image": 2 * x, "target": x}):
+        optimiser.zero_grad()
+        objective.generator_step(batch)["loss"].backward()
+        optimiser.step()
+    after = f.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and not any(k.startswith(("lin_", "domain")) for k in changed)
+    bad = tiny_config(write_kernel_datalist(tmp_path), "objective=self-inverse",
+                      "model.linear_kernel=[3,3,1]", "train.linear_fit_batches=0")  # fmt: skip
+    with pytest.raises(ConfigError, match="linear_fit_batches"):
+        build_training_objective(bad)
+
+
+def test_domain_gate_tells_smooth_from_sharp_windows_of_equal_variance():
+    gate = DomainGate([5, 5, 1])
+
+    def windows(seed: int, smooth: bool) -> torch.Tensor:
+        noise = torch.randn(6, 1, 24, 24, 4, generator=torch.Generator().manual_seed(seed))
+        if smooth:  # in-plane 3×3 box blur: less energy in the finest band than in the next one
+            noise = F.avg_pool3d(F.pad(noise, (0, 0, 1, 1, 1, 1), mode="circular"), (3, 3, 1), stride=1)
+        return noise / noise.std(dim=(1, 2, 3, 4), keepdim=True)
+
+    gate.fit(gate.features(windows(0, True)), gate.features(windows(1, False)))
+    assert gate(windows(2, True)).all()
+    assert not gate(windows(3, False)).any()
+    assert gate(windows(4, True)).shape == (6, 1, 1, 1, 1)
 
 
 def test_registration_objectives_do_not_fit_misaligned_pairs():

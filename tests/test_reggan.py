@@ -138,9 +138,11 @@ def test_misalignment_ranges_follow_reggan() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("residual", "objectives"), [(True, "paired,reggan"), (False, "paired")])
+@pytest.mark.parametrize(
+    ("residual", "objectives", "task"), [(True, "paired,reggan", "kernel"), (False, "paired", "sr")]
+)
 def test_benchmark_residual_generators_start_as_the_identity(
-    tmp_path, residual: bool, objectives: str
+    tmp_path, residual: bool, objectives: str, task: str
 ) -> None:
     """With lr 0 the models stay untrained: a residual generator returns its input, a plain one does not."""
     import json
@@ -156,7 +158,7 @@ def test_benchmark_residual_generators_start_as_the_identity(
     out = tmp_path / "reggan.json"
     flag = "--residual" if residual else "--no-residual"
     args = ["benchmark", "reggan", "--scan", str(scan), "--levels", "2", "--steps", "2", "--patch", "24",
-            "--width", "4", "--lr", "0", "--objectives", objectives, "--device", "cpu", flag,
+            "--width", "4", "--lr", "0", "--objectives", objectives, "--task", task, "--device", "cpu", flag,
             "--json", str(out)]  # fmt: skip
     assert main(args) == 0
     result = json.loads(out.read_text())

@@ -105,6 +105,22 @@ def test_trained_checkpoint_ignores_direction(tmp_path, name: str) -> None:
         torch.testing.assert_close(generator(v), plain(v))
 
 
+def test_checkpoint_keeps_both_linear_paths_and_the_fitted_domain_gate(tmp_path) -> None:
+    config = tiny_config(write_kernel_datalist(tmp_path), "objective=self-inverse", "model.residual=true",
+                         "model.linear_kernel=[5,5,1]", "train.linear_fit_batches=2", "train.steps=1",
+                         "train.val_every=1", "train.checkpoint_every=1")  # fmt: skip
+    payload = load_checkpoint(train(config, tmp_path / "run"))
+    generator, _ = generator_from_checkpoint(payload)
+    saved = payload["models"]["generator"]
+    assert generator.lin_x is not generator.lin_y
+    assert torch.count_nonzero(saved["domain.weight"]) == 4  # fitted at the start, not the zero init
+    torch.testing.assert_close(generator.domain.weight, saved["domain.weight"])
+    torch.testing.assert_close(generator.lin_x.weight, saved["lin_x.weight"])
+    v = torch.rand(2, 1, 16, 16, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(generator.inverse(v), generator(v))
+
+
 def test_self_inverse_config_is_valid() -> None:
     config = load_config(CONFIGS / "ct_kernel_selfinverse.yaml")
     assert config.objective == "self-inverse" and config.task == "ct-kernel"
@@ -197,7 +213,7 @@ def test_benchmark_residual_generators_start_as_the_identity(tmp_path, residual:
     out = tmp_path / "selfinverse.json"
     flag = "--residual" if residual else "--no-residual"
     args = ["benchmark", "selfinverse", "--pair", str(tmp_path / "pair"), "--steps", "2", "--width", "4",
-            "--lr", "0", "--device", "cpu", flag, "--json", str(out)]  # fmt: skip
+            "--lr", "0", "--linear-kernel", "none", "--device", "cpu", flag, "--json", str(out)]  # fmt: skip
     assert main(args) == 0
     result = json.loads(out.read_text())
     base, *models = result["rows"]

@@ -12,10 +12,11 @@ the PSNR of both directions on the test slab, plus the inputs' own PSNR.
 The pair has 20 slices, fewer than the 24 the 3D PatchGAN needs, so both objectives run with
 ``loss.gan: none`` (L1 only; the rows "w/o L_GAN" of the thesis) — the comparison is the same for both.
 
-Default (small, CPU) settings: residual resnet3d width 8, depth 2 (``--no-residual``: the thesis' plain
-generator, which must learn the identity first); 48×48×16 patches; 400 steps, Adam lr 1e-3.
-``--linear-kernel 7,7,1`` adds the linear paths with their least-squares start (32 batches), as
-``revgan-med train`` does; the self-inverse network then has ONE path fitted to both directions.
+Default (small, CPU) settings: residual srcnn3d width 8, depth 2 (``--no-residual``: the thesis' plain
+generator, which must learn the identity first) with the in-plane linear paths of the kernel configs
+(``--linear-kernel 7,7,1``; ``none`` leaves them out) and their least-squares start from 32 batches, as
+``revgan-med train`` does; 48×48×16 patches; 400 steps, Adam lr 2e-4. The self-inverse network keeps
+both paths and its domain gate, fitted on the same 32 batches, picks one per window.
 
 Examples:
   revgan-med benchmark selfinverse
@@ -36,8 +37,8 @@ DEFAULT_PAIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pair", type=Path, default=DEFAULT_PAIR, help="folder with B/ and L/ DICOM series")
-    parser.add_argument("--generator", default="resnet3d", help="default: %(default)s")
-    add_training_run_arguments(parser, steps=400, lr=1e-3)
+    parser.add_argument("--generator", default="srcnn3d", help="default: %(default)s")
+    add_training_run_arguments(parser, steps=400, lr=2e-4, linear_kernel=[7, 7, 1])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -114,9 +114,9 @@ def generator_from_checkpoint(
     """Rebuild the generator a checkpoint describes, load its weights, and put it in eval mode."""
     config = checkpoint_config(payload)
     generator = build_generator_from_config(config)
-    generator.load_state_dict(payload["models"]["generator"])
     if config.objective == "self-inverse":  # one function f = f⁻¹: `inverse` is `forward`
         from revgan_med.training.objectives_registration import SelfInverseGenerator
 
         generator = SelfInverseGenerator.from_generator(generator)
+    generator.load_state_dict(payload["models"]["generator"])
     return generator.to(device).eval(), config

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from revgan_med.config import TASK_CHANNELS, Config, save_config
+from revgan_med.config import TASK_CHANNELS, Config, ConfigError, save_config
 from revgan_med.training.checkpoint import (
     build_generator_from_config,
     capture_rng_state,
@@ -97,6 +97,12 @@ def build_training_objective(config: Config) -> Objective:
     from revgan_med.networks import build_discriminator
 
     channels = TASK_CHANNELS[config.task]
+    fitted_paths = config.objective == "self-inverse" and config.model.linear_kernel
+    if fitted_paths and config.train.linear_fit_batches < 1:
+        raise ConfigError(
+            "objective self-inverse with model.linear_kernel needs train.linear_fit_batches >= 1: its "
+            "linear paths and domain gate are fitted at the start, not trained"
+        )
     generator = build_generator_from_config(config)
     needed = OBJECTIVES.get(config.objective).discriminator_channels(channels, config.loss.gan)
     discriminators = {

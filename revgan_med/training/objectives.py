@@ -150,26 +150,26 @@ class Objective(nn.Module):
         """Least-squares start of the generator's linear paths (``model.linear_kernel``) from paired batches.
 
         Each path is fitted to what the rest of the generator leaves, ``y − (F(x) − lin_y(x))`` for
-        X → Y and likewise for Y → X; a path shared by both directions (self-inverse) is fitted to both.
+        X → Y and likewise for Y → X.
         Returns False, consuming nothing, for unpaired or misaligned data or a generator without linear
         paths.
         """
         g = self.generator
         if not (self.paired_data and self.aligned_pairs) or getattr(g, "lin_y", None) is None:
             return False
-        directions = ((g.lin_y, g.forward, "image", "target"), (g.lin_x, g.inverse, "target", "image"))
-        sums: dict[nn.Module, list[torch.Tensor]] = {}
+        directions = ((g.lin_y, False, "image", "target"), (g.lin_x, True, "target", "image"))
+        sums: list[torch.Tensor] = []
         for batch in batches:
-            for path, translate, source, target in directions:
+            equations = []
+            for path, inverse, source, target in directions:
                 v = batch[source]
-                gram, cross = path.normal_equations(v, batch[target] - translate(v) + path(v))
-                if path in sums:
-                    gram, cross = gram + sums[path][0], cross + sums[path][1]
-                sums[path] = [gram, cross]
+                rest = (g.inverse if inverse else g.forward)(v) - g.linear_part(v, inverse=inverse)
+                equations.extend(path.normal_equations(v, batch[target] - rest))
+            sums = [a + b for a, b in zip(sums, equations, strict=True)] if sums else equations
         if not sums:
             raise ValueError("fit_linear_paths: no batches")
-        for path, equations in sums.items():
-            path.solve(*equations)
+        g.lin_y.solve(*sums[:2])
+        g.lin_x.solve(*sums[2:])
         return True
 
     def _gan(self, role: str, images: torch.Tensor, *, real: bool) -> torch.Tensor:
