@@ -33,9 +33,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from revgan_med.benchmarks import add_training_run_arguments, write_json
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from revgan_med.data.transforms import CTWindow
 
 HELP = "RegGAN claim in 3D: PSNR of paired vs reggan training on CT pairs misaligned by noise level"
 DEFAULT_SCAN = (
@@ -141,7 +146,7 @@ def run_experiment(
             "device": str(dev), "rows": rows}  # fmt: skip
 
 
-def _task_pair(scan: Path, task: str, window) -> tuple[Any, Any]:
+def _task_pair(scan: Path, task: str, window: CTWindow) -> tuple[np.ndarray, np.ndarray]:
     """(source, target) of `task` on the scan, both ``(1, X, Y, Z)`` in `window` network units."""
     import numpy as np
 
