@@ -128,17 +128,14 @@ class LinearPath(nn.Conv3d):
 
     @torch.no_grad()
     def solve(self, gram: Tensor, cross: Tensor, ridge: float = 1e-6) -> None:
-        """Set weights and bias to the least-squares solution of summed `normal_equations`."""
-        solution = ridge_solve(gram, cross, ridge)
+        """Set weights and bias to the least-squares solution of summed `normal_equations`.
+
+        A small ridge relative to the mean diagonal keeps flat (e.g. all-air) data solvable.
+        """
+        eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+        solution = torch.linalg.solve(gram + ridge * gram.diagonal().mean() * eye, cross)
         self.weight.copy_(solution[:-1].T.reshape(self.weight.shape))
         self.bias.copy_(solution[-1])
-
-
-def ridge_solve(gram: Tensor, cross: Tensor, ridge: float = 1e-6) -> Tensor:
-    """Solution of normal equations ``gram · w = cross`` with a small ridge relative to the mean diagonal,
-    which keeps flat (e.g. all-air) data solvable."""
-    eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
-    return torch.linalg.solve(gram + ridge * gram.diagonal().mean() * eye, cross)
 
 
 class DomainGate(nn.Module):
@@ -159,7 +156,8 @@ class DomainGate(nn.Module):
 
     def __init__(self, kernel: Sequence[int]) -> None:
         super().__init__()
-        self.axes = tuple(int(k) > 1 for k in kernel) if any(int(k) > 1 for k in kernel) else (True,) * 3
+        filtered = tuple(int(k) > 1 for k in kernel)
+        self.axes = filtered if any(filtered) else (True,) * 3
         self.register_buffer("weight", torch.zeros(4))
 
     def features(self, v: Tensor) -> Tensor:

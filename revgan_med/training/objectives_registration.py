@@ -49,7 +49,7 @@ class SelfInverseGenerator(Generator):
     def inverse(self, y: Tensor) -> Tensor:
         return self.forward(y)
 
-    def linear_part(self, v: Tensor, *, inverse: bool = False) -> Tensor | float:
+    def linear_part(self, v: Tensor, *, inverse: bool) -> Tensor | float:
         if self.domain is None:
             return 0.0
         return torch.where(self.domain(v), self.lin_y(v), self.lin_x(v))
