@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from monai.data.utils import dense_patch_slices
 
 from revgan_med.config import TASK_CHANNELS
+from revgan_med.sharding import shard_items
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -306,6 +307,8 @@ def infer_path(
     inside the input.
     """
     from revgan_med.io import load_volume, save_volume
+    from revgan_med.io.checks import check_output_location, require_finite
+    from revgan_med.io.dicom import check_new_series_folder
     from revgan_med.io.volumes import is_nifti
 
     input_path, output_path = Path(input_path), Path(output_path)
@@ -313,10 +316,16 @@ def infer_path(
         raise ValueError(f"output format {output_format!r}: expected nifti or dicom")
     if output_format == "nifti" and not is_nifti(output_path):
         raise ValueError(f"{output_path}: NIfTI output needs a .nii or .nii.gz name")
+    if output_format == "dicom":
+        check_new_series_folder(output_path)
     for path in (output_path, consistency_map):
         if path is not None:
             _refuse_overwrite(input_path, Path(path))
+            check_output_location(path)
     array, affine = load_volume(input_path, series_uid=series_uid)
+    require_finite(array, input_path)  # cubic upsampling and convolutions would spread NaN/Inf everywhere
+    if min(array.shape[:3]) < 2:
+        raise ValueError(f"{input_path}: a 2D image (shape {array.shape}); infer needs a 3D volume")
     direction = options.get("direction", "forward")
     result = infer_volume(model, array, affine, consistency=consistency_map is not None, **options)
     description = derived_description(model, direction)
@@ -342,22 +351,6 @@ def infer_path(
     label = f"revgan-med consistency |G(F(x))-x|: {model.name} {direction}"
     save_volume(result.consistency, result.consistency_affine, Path(consistency_map), description=label)
     return consistency_summary(result.consistency)
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"i/n"`` (0 ≤ i < n) → (i, n)."""
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise ValueError(f"shard {text!r}: expected i/n, e.g. 0/4") from None
-    if not 0 <= i < n:
-        raise ValueError(f"shard {text!r}: need 0 <= i < n")
-    return i, n
-
-
-def shard_items(items: Sequence[Any], index: int, count: int) -> list[Any]:
-    """The `index`-th of `count` contiguous, near-equal slices of `items` (sorted by the caller)."""
-    return list(items[len(items) * index // count : len(items) * (index + 1) // count])
 
 
 @dataclass

@@ -17,11 +17,10 @@ from revgan_med.inference import (
     infer_inputs,
     infer_path,
     infer_volume,
-    parse_shard,
-    shard_items,
     sliding_window_predict,
 )
 from revgan_med.io import load_volume, save_volume
+from revgan_med.sharding import parse_shard, shard_items
 
 WINDOW = {"kind": "ct-window", "window": [-1150.0, 350.0]}
 

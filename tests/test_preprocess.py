@@ -69,7 +69,7 @@ def test_messy_folder_writes_good_cases_and_names_bad_ones(messy, tmp_path, caps
     }  # fmt: skip
     assert "corrupt.nii.gz" in report["bad_corrupt"]["message"]
     assert "truncated.nii.gz" in report["bad_truncated"]["message"]
-    assert "failed: bad_corrupt" in capsys.readouterr().out
+    assert "failed: bad_corrupt" in capsys.readouterr().err
 
     # LR input on its own grid: exactly the thick-slice geometry of the (cropped) HR target
     target = nib.load(out / "dicom_series" / "target.nii.gz")

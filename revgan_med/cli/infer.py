@@ -74,12 +74,19 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from revgan_med.config import ConfigError
-    from revgan_med.inference import infer_inputs, load_model, parse_shard
+    from revgan_med.io.checks import check_output_location
+    from revgan_med.sharding import parse_shard
 
     try:
         shard = parse_shard(args.shard)
     except ValueError as exc:
         raise ConfigError(f"--shard: {exc}") from None  # a usage error: exit 2
+    for path in (args.output, args.consistency_map):
+        if path is not None:
+            check_output_location(path)  # before seconds of imports and minutes of inference
+
+    from revgan_med.inference import infer_inputs, load_model
+
     model = load_model(args.checkpoint, device=args.device)
     report = infer_inputs(
         model,

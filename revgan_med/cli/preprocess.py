@@ -13,15 +13,18 @@ OUTPUT_DIR/report.csv (case,source,status,message). Volumes stay in HU (or scann
              grids must coincide) or --pairs CSV (case,source,target; paths relative to the CSV);
              --simulate-kernel makes a SIMULATED smooth→sharp pair from each single scan
 
-Finished cases are skipped (resumable; --overwrite redoes them); inputs are never modified; a case
-that fails is named in report.csv and the others go on. Exit code 0: all cases ok; 1: some failed;
-2: usage error.
+Finished cases are skipped (resumable; --overwrite redoes them; a case whose input changed is redone);
+inputs are never modified and nothing is written outside OUTPUT_DIR; volumes with NaN/Inf voxels are
+refused. A case that fails is named in report.csv and on stderr, and the others go on. --shard i/n
+makes the i-th of n slices of the cases (job arrays; report.shard<i>of<n>.csv). Exit code 0: all
+cases ok; 1: some failed or nothing found; 2: usage error.
 
 Examples:
   revgan-med preprocess scans/ prep/ --task ct-sr --factors 2,2,4 --workers 4
   revgan-med preprocess pairs/ prep_kernel/ --task ct-kernel --window ct-full
   revgan-med preprocess scans/ prep_kernel/ --task ct-kernel --pairs pairs.csv
   revgan-med preprocess dwi/ prep_dti/ --task dmri-sr --factors 2,2,2
+  revgan-med preprocess archive/ prep/ --task ct-sr --shard 3/16
 """
 
 from __future__ import annotations
@@ -60,9 +63,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--val-fraction", type=float, default=0.2, help="validation share (default 0.2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the training/validation split")
+    parser.add_argument("--shard", default="0/1", help="make the i-th of n slices of the cases (default: 0/1)")
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from revgan_med.config import ConfigError
+    from revgan_med.sharding import parse_shard
+
+    try:
+        shard = parse_shard(args.shard)
+    except ValueError as exc:
+        raise ConfigError(f"--shard: {exc}") from None
+
     from revgan_med.data.preprocess import preprocess
 
     report = preprocess(
@@ -77,10 +91,11 @@ def run(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         seed=args.seed,
         simulate_kernel=args.simulate_kernel,
+        shard=shard,
     )
     counts = ", ".join(f"{report.count(s)} {s}" for s in ("ok", "skipped", "failed"))
     print(f"{counts}; report: {report.report_path}; datalist: {report.datalist_path}")
     for row in report.rows:
         if row.status == "failed":
-            print(f"failed: {row.case}: {row.message}")
+            print(f"failed: {row.case}: {row.message}", file=sys.stderr)
     return report.exit_code

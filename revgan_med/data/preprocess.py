@@ -5,7 +5,9 @@ on its own LR grid for ct-sr / dmri-sr, as a real thick-slice scan would be, or 
 for ct-kernel), ``target.nii.gz`` (the reference), ``mask.nii.gz`` (dMRI brain mask) and
 ``case.json`` (provenance; written last, so it marks a finished case). Volumes stay in HU / scanner
 units: normalisation happens in the dataset with the mapping stored in the checkpoint.
-Inputs are only read; every output is written atomically; a failing case is reported and skipped.
+Inputs are only read; every output is written atomically, and only inside OUTPUT_DIR; a failing case
+is reported and skipped. ``case.json`` records the input's identity (`input_identity`): a case whose
+input changed is made again, and temporary files of a killed earlier run are removed from its folder.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from revgan_med.config import TASKS, ConfigError
 from revgan_med.data.degradation import SIMULATED_KERNEL_NOTE, simulate_kernel_pair, thick_slice
 from revgan_med.data.transforms import WindowSpec, brain_mask, fit_dti, parse_window
 from revgan_med.io import atomic_write_text, discover_volumes, is_nifti, load_volume, save_volume
+from revgan_med.io.atomic import remove_stale_temps
+from revgan_med.io.checks import input_identity, require_finite, require_inside, safe_component
+from revgan_med.sharding import shard_items
 
 GRID_ATOL_MM = 1e-2  # source/target grids of a kernel pair must agree to 0.01 mm
 REPORT_FIELDS = ("case", "source", "status", "message")
@@ -45,6 +50,11 @@ class Job:
     def label(self) -> str:
         text = str(self.source) + (f" (series {self.series_uid})" if self.series_uid else "")
         return text + (f" -> {self.target}" if self.target else "")
+
+    @property
+    def inputs(self) -> list[Path]:
+        """Every file or folder the case reads (never written to)."""
+        return [self.source, *([self.target] if self.target else []), *_gradient_files(self.source)]
 
 
 @dataclass(frozen=True)
@@ -90,8 +100,15 @@ def _crop_to_factors(array: np.ndarray, factors: Sequence[int], where: str) -> n
     return array[: n[0], : n[1], : n[2]]
 
 
+def _load_finite(path: Path, series_uid: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`load_volume`, refusing NaN/Inf voxels: they would become NaN training pairs and weights."""
+    array, affine = load_volume(path, series_uid=series_uid)
+    require_finite(array, path)
+    return array, affine
+
+
 def _make_ct_sr(job: Job, s: Settings) -> tuple[dict, str]:
-    hu, affine = load_volume(job.source, series_uid=job.series_uid)
+    hu, affine = _load_finite(job.source, series_uid=job.series_uid)
     if hu.ndim != 3:
         raise ValueError(f"{job.source}: expected a 3D CT volume, got shape {hu.shape}")
     hr = _crop_to_factors(hu, s.factors, str(job.source))  # the crop keeps voxel 0, so the affine holds
@@ -101,12 +118,20 @@ def _make_ct_sr(job: Job, s: Settings) -> tuple[dict, str]:
             "target": (hr, affine, "high-resolution reference")}, ""  # fmt: skip
 
 
+def _gradient_files(path: Path) -> list[Path]:
+    """The .bval/.bvec files beside a DWI NIfTI (both, or those of them that exist)."""
+    if not is_nifti(path):
+        return []
+    stem = path.name[: -len(".nii.gz")] if path.name.lower().endswith(".gz") else path.stem
+    return [p for p in (path.with_name(stem + ".bval"), path.with_name(stem + ".bvec")) if p.is_file()]
+
+
 def _dwi_gradients(path: Path) -> tuple[np.ndarray, np.ndarray]:
     from dipy.io import read_bvals_bvecs
 
     stem = path.name[: -len(".nii.gz")] if path.name.lower().endswith(".gz") else path.stem
     bval, bvec = path.with_name(stem + ".bval"), path.with_name(stem + ".bvec")
-    if not (bval.is_file() and bvec.is_file()):
+    if len(_gradient_files(path)) != 2:
         raise ValueError(f"{path}: a DWI series needs {bval.name} and {bvec.name} beside it")
     return read_bvals_bvecs(str(bval), str(bvec))
 
@@ -114,7 +139,7 @@ def _dwi_gradients(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def _make_dmri_sr(job: Job, s: Settings) -> tuple[dict, str]:
     if not is_nifti(job.source):
         raise ValueError(f"{job.source}: dmri-sr needs a NIfTI DWI (+ .bval/.bvec) or a 6-channel DTI NIfTI")
-    data, affine = load_volume(job.source)
+    data, affine = _load_finite(job.source)
     if data.ndim != 4:
         raise ValueError(f"{job.source}: expected a 4D DWI or 6-channel DTI volume, got shape {data.shape}")
     if data.shape[3] == 6:
@@ -132,14 +157,14 @@ def _make_dmri_sr(job: Job, s: Settings) -> tuple[dict, str]:
 
 
 def _make_ct_kernel(job: Job, s: Settings) -> tuple[dict, str]:
-    source, affine = load_volume(job.source, series_uid=job.series_uid)
+    source, affine = _load_finite(job.source, series_uid=job.series_uid)
     if source.ndim != 3:
         raise ValueError(f"{job.source}: expected a 3D CT volume, got shape {source.shape}")
     if s.simulate_kernel:
         smooth, sharp = simulate_kernel_pair(source, _spacing(affine), seed=zlib.crc32(job.case.encode()))
         return {"image": (smooth, affine, "SIMULATED smooth kernel"),
                 "target": (sharp, affine, "SIMULATED sharp kernel")}, SIMULATED_KERNEL_NOTE  # fmt: skip
-    target, target_affine = load_volume(job.target)
+    target, target_affine = _load_finite(job.target)
     if source.shape != target.shape or not np.allclose(affine, target_affine, atol=GRID_ATOL_MM):
         raise ValueError(
             f"{job.source} and {job.target}: grids do not coincide (shapes {source.shape} / {target.shape}, "
@@ -158,28 +183,42 @@ def _provenance(job: Job, s: Settings) -> dict:
     return {"case": job.case, "source": job.label, **asdict(s), "factors": list(s.factors)}
 
 
+def _finished(folder: Path, wanted: dict) -> dict[str, str] | None:
+    """The files of a finished case made from `wanted` (settings, input identity), else None."""
+    try:
+        done = json.loads((folder / "case.json").read_text())
+    except (OSError, ValueError):
+        return None
+    files = done.get("files", {}) if isinstance(done, dict) else {}
+    same = {k: done.get(k) for k in wanted} == wanted
+    return files if same and all((folder / f).is_file() for f in files.values()) else None
+
+
+def _destination(output_dir: Path, job: Job, name: str) -> Path:
+    """The one way to a case's output file: proven to lie in OUTPUT_DIR/<case>/ and to be no input."""
+    return require_inside(output_dir / job.case / name, output_dir, job.inputs)
+
+
 def process_case(job: Job, settings: Settings, output_dir: Path, overwrite: bool) -> CaseResult:
-    """Make one case's files (or skip it when a finished case with the same settings is there)."""
-    folder = output_dir / job.case
-    marker = folder / "case.json"
-    wanted = _provenance(job, settings)
+    """Make one case's files (or skip it when it is finished from the same input and settings)."""
     if job.problem:
         return CaseResult(job.case, job.label, "failed", job.problem)
-    if not overwrite and marker.is_file():
-        try:
-            done = json.loads(marker.read_text())
-        except (OSError, ValueError):
-            done = {}
-        files = done.get("files", {})
-        if {k: done.get(k) for k in wanted} == wanted and all((folder / f).is_file() for f in files.values()):
-            return CaseResult(job.case, job.label, "skipped", "already done", files)
     try:
+        folder = _destination(output_dir, job, ".")
+        remove_stale_temps(folder)  # left by a run that was killed while writing
+        wanted = {**_provenance(job, settings), "input": [input_identity(p, job.series_uid) for p in job.inputs]}
+        files = None if overwrite else _finished(folder, wanted)
+        if files is not None:
+            return CaseResult(job.case, job.label, "skipped", "already done", files)
         volumes, note = MAKERS[settings.task](job, settings)
+        for key, (array, _, _) in volumes.items():
+            require_finite(array, f"{job.label}: {key}")
         files = {}
         for key, (array, affine, description) in volumes.items():
             files[key] = f"{key}.nii.gz"
-            save_volume(array, affine, folder / files[key], description=description)
-        atomic_write_text(marker, json.dumps({**wanted, "files": files, "note": note}, indent=2) + "\n")
+            save_volume(array, affine, _destination(output_dir, job, files[key]), description=description)
+        record = {**wanted, "files": files, "note": note}
+        atomic_write_text(_destination(output_dir, job, "case.json"), json.dumps(record, indent=2) + "\n")
     except Exception as exc:  # any failure of one case is reported and the batch goes on
         message = " ".join(str(exc).split()) or type(exc).__name__
         return CaseResult(job.case, job.label, "failed", message)
@@ -227,9 +266,14 @@ def _jobs_from_csv(path: Path) -> list[Job]:
         raise ConfigError(f"{path}: cannot read pairs CSV ({exc})") from None
     if not rows or not {"case", "source", "target"} <= set(rows[0]):
         raise ConfigError(f"{path}: pairs CSV needs the columns case,source,target")
-    names = [r["case"] for r in rows]
+    names = [r["case"] or "" for r in rows]
     if len(set(names)) != len(names) or not all(names):
         raise ConfigError(f"{path}: case names must be non-empty and unique")
+    for line, name in enumerate(names, start=2):
+        try:
+            safe_component(name, f"{path} line {line}")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     return [Job(r["case"], path.parent / r["source"], target=path.parent / r["target"]) for r in rows]
 
 
@@ -243,10 +287,10 @@ def split_cases(names: Sequence[str], *, val_fraction: float, seed: int) -> tupl
     return sorted(ordered[n_val:]), sorted(ordered[:n_val])
 
 
-def _write_outputs(
-    rows: list[CaseResult], output_dir: Path, meta: dict, val_fraction: float, seed: int
-) -> None:
-    done = {r.case: r.files for r in rows if r.status in ("ok", "skipped")}
+def _write_outputs(rows: list[CaseResult], extra: list[CaseResult], output_dir: Path, meta: dict,
+                   val_fraction: float, seed: int, report: Path) -> None:  # fmt: skip
+    """datalist.json of every finished case (`rows` and `extra`), `report` of `rows`."""
+    done = {r.case: r.files for r in rows + extra if r.status in ("ok", "skipped")}
     training, validation = split_cases(list(done), val_fraction=val_fraction, seed=seed)
 
     def entries(names: list[str]) -> list[dict]:
@@ -258,7 +302,7 @@ def _write_outputs(
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(REPORT_FIELDS)
     writer.writerows((r.case, r.source, r.status, r.message) for r in rows)
-    atomic_write_text(output_dir / "report.csv", buffer.getvalue())
+    atomic_write_text(report, buffer.getvalue())
 
 
 def _check_usage(input_dir: Path, output_dir: Path, task: str, factors: Sequence[int], workers: int,
@@ -267,8 +311,8 @@ def _check_usage(input_dir: Path, output_dir: Path, task: str, factors: Sequence
         raise ConfigError(f"task {task!r}: expected one of {', '.join(TASKS)}")
     if not input_dir.is_dir():
         raise ConfigError(f"{input_dir}: input folder not found")
-    if output_dir.resolve() == input_dir.resolve():
-        raise ConfigError(f"{output_dir}: the output folder must differ from the input folder")
+    if input_dir.resolve().is_relative_to(output_dir.resolve()):
+        raise ConfigError(f"{output_dir}: the output folder must not be or contain the input folder")
     if len(factors) != 3 or any(int(f) != f or f < 1 for f in factors):
         raise ConfigError(f"factors {list(factors)!r}: need three positive integers X,Y,Z")
     if workers < 1:
@@ -294,11 +338,14 @@ def preprocess(
     seed: int = 0,
     simulate_kernel: bool = False,
     progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
 ) -> PreprocessReport:
     """Preprocess every case under `input_dir` into `output_dir` (see the module docstring).
 
-    Usage errors (missing folder, bad task/window/factors) raise `ConfigError`; failures of single
-    cases are rows with status "failed" in the report. `window` is recorded in the datalist.
+    Usage errors (missing folder, bad task/window/factors) raise `ConfigError`, an input without any
+    case `ValueError`; failures of single cases are rows with status "failed" in the report. `window`
+    is recorded in the datalist. `shard` (i, n) makes only the i-th of n slices of the cases (sorted
+    by name) and writes ``report.shard<i>of<n>.csv``; the datalist lists every finished case.
     """
     from tqdm import tqdm
 
@@ -310,7 +357,11 @@ def preprocess(
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     settings = Settings(task, f, simulate_kernel)
-    jobs = find_jobs(input_dir, output_dir, task=task, pairs_csv=pairs, simulate_kernel=simulate_kernel)
+    every = find_jobs(input_dir, output_dir, task=task, pairs_csv=pairs, simulate_kernel=simulate_kernel)
+    if not every:
+        raise ValueError(f"{pairs or input_dir}: no NIfTI file or DICOM series found (nothing to preprocess)")
+    every.sort(key=lambda j: j.case)
+    jobs = shard_items(every, *shard)
     output_dir.mkdir(parents=True, exist_ok=True)
     rows: list[CaseResult] = []
     bar = tqdm(total=len(jobs), desc="preprocess", unit="case", disable=not progress)
@@ -329,7 +380,20 @@ def preprocess(
                     rows.append(CaseResult(job.case, job.label, "failed", f"worker crashed: {exc}"))
                 bar.update()
     bar.close()
+    others = [j for j in every if j not in jobs]
     rows.sort(key=lambda r: r.case)
     meta = {"task": task, "factors": list(f), "window": [lo, hi], "simulated_kernel": simulate_kernel}
-    _write_outputs(rows, output_dir, meta, val_fraction, seed)
-    return PreprocessReport(rows, output_dir / "datalist.json", output_dir / "report.csv")
+    report = output_dir / ("report.csv" if shard[1] == 1 else f"report.shard{shard[0]}of{shard[1]}.csv")
+    extra = _done_elsewhere(others, settings, output_dir)
+    _write_outputs(rows, extra, output_dir, meta, val_fraction, seed, report)
+    return PreprocessReport(rows, output_dir / "datalist.json", report)
+
+
+def _done_elsewhere(jobs: list[Job], settings: Settings, output_dir: Path) -> list[CaseResult]:
+    """Other shards' cases that are finished with these settings (their inputs are theirs to check)."""
+    rows = []
+    for job in jobs:
+        files = _finished(output_dir / job.case, _provenance(job, settings))
+        if files is not None:
+            rows.append(CaseResult(job.case, job.label, "skipped", "done by another shard", files))
+    return rows

@@ -8,9 +8,28 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+# ".<target name>.<8 random characters of mkstemp>.tmp<suffix>": what `atomic_path` leaves after a kill
+_TEMP = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp(\.[^/]*)?$")
+
+
+def remove_stale_temps(folder: str | Path, target: str | None = None) -> list[Path]:
+    """Delete the temporary files a killed `atomic_path` left in `folder` (only those of `target`
+    when given); returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in folder.iterdir():
+        match = _TEMP.match(entry.name)
+        if match and entry.is_file() and target in (None, match["target"]):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 @contextlib.contextmanager
@@ -22,6 +41,7 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent, path.name)  # leftovers of an earlier write of this file that was killed
     if suffix is None:
         suffix = "".join(path.suffixes)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)

@@ -324,8 +324,8 @@ def save_dicom_series(
     refs = _source_refs(Path(source), source_series_uid) if source is not None else None
     if source is not None and out_dir.resolve() == Path(source).resolve():
         raise ValueError(f"{out_dir}: refusing to write over the source series")
-    if out_dir.exists() and not overwrite:
-        raise VolumeError(f"{out_dir}: already exists (pass overwrite=True to replace it)")
+    if not overwrite:
+        check_new_series_folder(out_dir)
     slope, intercept, stored = _to_int16(array)
     common = _series_dataset(
         refs[0] if refs else None, series_description=series_description, modality=modality,
@@ -355,6 +355,12 @@ def save_dicom_series(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def check_new_series_folder(out_dir: Path) -> None:
+    """Refuse an existing folder as the target of a new series (callers check before computing it)."""
+    if out_dir.exists():
+        raise VolumeError(f"{out_dir}: already exists; give --output a new folder (a series is never replaced)")
 
 
 def _source_refs(source: Path, series_uid: str | None) -> list[Dataset] | None:

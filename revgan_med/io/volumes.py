@@ -64,10 +64,14 @@ def load_volume(path: str | Path, series_uid: str | None = None) -> tuple[np.nda
 
 def _load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
-        img = nib.load(str(path))
-        data = np.asarray(img.dataobj, dtype=np.float32)
+        img = nib.load(str(path))  # reads the header only
     except Exception as exc:  # nibabel raises many types for corrupt/truncated files
-        raise VolumeError(f"{path}: cannot read NIfTI ({' '.join(str(exc).split())})") from None
+        raise VolumeError(f"{path}: cannot read NIfTI ({_one_line(exc)})") from None
+    _check_claimed_size(path, img)
+    try:
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as exc:
+        raise VolumeError(f"{path}: cannot read NIfTI ({_one_line(exc)})") from None
     if data.ndim == 5 and data.shape[3] == 1:  # (x, y, z, t=1, c): vector images as ITK writes them
         data = data[:, :, :, 0]
     if data.ndim == 2:
@@ -75,6 +79,42 @@ def _load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if data.ndim not in (3, 4):
         raise VolumeError(f"{path}: {data.ndim}D NIfTI of shape {data.shape}; expected 3D or 4D")
     return data, np.asarray(img.affine, dtype=np.float64)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``), None where unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_claimed_size(path: Path, img: nib.Nifti1Image) -> None:
+    """Refuse a header whose data cannot be in the file or in memory, before allocating it."""
+    shape = img.shape
+    claimed = int(np.prod(shape, dtype=np.float64)) * img.get_data_dtype().itemsize
+    offset = int(img.header["vox_offset"])
+    size = path.stat().st_size
+    # deflate cannot compress better than about 1032:1, so a .nii.gz holds at most that much data
+    most = size - offset if not path.name.lower().endswith(".gz") else size * 1032
+    if claimed > most:
+        raise VolumeError(
+            f"{path}: header claims {shape} voxels ({claimed / 1e6:.1f} MB) but the file holds at most "
+            f"{max(most, 0) / 1e6:.1f} MB (truncated or a wrong header)"
+        )
+    needed, free = int(np.prod(shape, dtype=np.float64)) * 4, available_memory()  # read as float32
+    if free is not None and needed > free:
+        raise VolumeError(
+            f"{path}: needs {needed / 1e9:.1f} GB of memory as float32, {free / 1e9:.1f} GB available"
+        )
 
 
 def save_volume(array: np.ndarray, affine: np.ndarray, path: str | Path, description: str = "") -> Path:
