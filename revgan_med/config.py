@@ -187,7 +187,42 @@ def config_from_dict(values: dict[str, Any] | None, overrides: typing.Sequence[s
             if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {k!r} is not a section")
         node[keys[-1]] = value
-    return _build(Config, merged, "")
+    config = _build(Config, merged, "")
+    _check_values(config)
+    return config
+
+
+# keys whose values must be >= the bound (checked before a run writes anything)
+_AT_LEAST = {
+    "data.samples_per_volume": 1, "data.num_workers": 0, "model.width": 1, "model.depth": 0,
+    "model.disc_width": 1, "train.steps": 1, "train.batch_size": 1, "train.decay_start": 0,
+    "train.val_every": 1, "train.checkpoint_every": 1, "train.log_every": 1, "train.linear_fit_batches": 0,
+    "infer.target_size": 1, "infer.batch_size": 1, "infer.context_size": 1,
+}  # fmt: skip
+_TRIPLES = ("data.patch_size", "data.factors")
+
+
+def _check_values(config: Config) -> None:
+    """Refuse values of the right type that no run can use (``data.factors=[2,2,0]``, ``train.steps=-5``)."""
+
+    def get(key: str) -> Any:
+        section, name = key.split(".")
+        return getattr(getattr(config, section), name)
+
+    for key, least in _AT_LEAST.items():
+        value = get(key)
+        if value is not None and value < least:
+            raise ConfigError(f"config key {key!r}: {value!r} must be >= {least}")
+    for key in _TRIPLES:
+        value = get(key)
+        if len(value) != 3 or min(value) < 1:
+            raise ConfigError(f"config key {key!r}: {value!r} must be three positive integers")
+    if not 0 <= config.data.foreground_fraction <= 1:
+        raise ConfigError(f"config key 'data.foreground_fraction': {config.data.foreground_fraction!r} "
+                          "must lie in [0, 1]")  # fmt: skip
+    if config.train.lr <= 0 or len(config.train.betas) != 2 or not all(0 <= b < 1 for b in config.train.betas):
+        raise ConfigError(f"config keys 'train.lr' / 'train.betas': {config.train.lr!r} must be > 0 and "
+                          f"{config.train.betas!r} two numbers in [0, 1)")  # fmt: skip
 
 
 def _merge(into: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:

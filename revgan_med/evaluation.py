@@ -191,13 +191,17 @@ def evaluate_case(
     """
     from revgan_med.data.transforms import interior_mask
     from revgan_med.io import load_volume
+    from revgan_med.io.checks import require_finite
 
     reference, ref_affine = load_volume(case.reference)
     prediction, pred_affine = load_volume(case.prediction)
+    require_finite(reference, case.reference)  # a NaN would turn every metric (and the mean) into nan
+    require_finite(prediction, case.prediction)
     _check_grid(case.prediction, pred_affine, prediction.shape, ref_affine, reference.shape)
     volumes = {"prediction": prediction}
     if case.input is not None:
         lr, lr_affine = load_volume(case.input)
+        require_finite(lr, case.input)
         if factors is None:
             factors = [max(1, r // l) for r, l in zip(reference.shape[:3], lr.shape[:3], strict=True)]
         for name in ("identity", *[b for b in baselines if b != "identity"]):

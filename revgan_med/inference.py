@@ -152,11 +152,15 @@ class Model:
 
 def load_model(checkpoint: str | Path, *, device: str | torch.device | None = "auto") -> Model:
     """Read a checkpoint (``weights_only``) and rebuild its generator on `device` in eval mode."""
-    from revgan_med.training.checkpoint import generator_from_checkpoint, load_checkpoint
+    from revgan_med.training.checkpoint import generator_from_checkpoint, load_checkpoint, require_keys
 
     run_device = resolve_device(device)
     payload = load_checkpoint(checkpoint)
-    generator, config = generator_from_checkpoint(payload, run_device)
+    try:
+        require_keys(payload)
+        generator, config = generator_from_checkpoint(payload, run_device)
+    except ValueError as exc:  # missing keys, invalid config, weights that do not fit: name the file
+        raise ValueError(f"{checkpoint}: {exc}") from None
     return Model(
         generator=generator,
         task=config.task,

@@ -25,6 +25,9 @@ from revgan_med.io.atomic import atomic_path
 
 FORMAT = "revgan-med-checkpoint"
 FORMAT_VERSION = 1
+INFERENCE_KEYS = ("config", "intensity", "models")
+RESUME_KEYS = (*INFERENCE_KEYS, "step", "best_metric", "data_position", "objective_state", "optimizers",
+               "schedulers", "scaler", "rng")  # fmt: skip
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
@@ -44,7 +47,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"{path}: not a readable checkpoint ({exc})".splitlines()[0]) from None
+        what = (
+            "it holds Python objects besides tensors and plain data, and loading those could run code"
+            if "Unsupported global" in str(exc)
+            else "truncated, damaged or not a PyTorch file"
+        )
+        raise ValueError(f"{path}: not a readable checkpoint ({what})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path}: not a revgan-med checkpoint")
     if payload.get("format_version", 0) > FORMAT_VERSION:
@@ -85,9 +93,22 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda_states)
 
 
+def require_keys(payload: dict[str, Any], keys: tuple[str, ...] = INFERENCE_KEYS) -> None:
+    """Refuse a checkpoint that lacks what inference (or, with `RESUME_KEYS`, a resume) needs."""
+    missing = [k for k in keys if k not in payload]
+    if "models" in payload and "generator" not in (payload["models"] or {}):
+        missing.append("models.generator")
+    if missing:
+        raise ValueError(f"checkpoint lacks {', '.join(missing)} (damaged, or not written by revgan-med train)")
+
+
 def checkpoint_config(payload: dict[str, Any]) -> Config:
-    """The `Config` a checkpoint was trained with."""
-    return config_from_dict(payload["config"])
+    """The `Config` a checkpoint was trained with (a ValueError, not a usage error, when it is invalid)."""
+    require_keys(payload, ("config",))
+    try:
+        return config_from_dict(payload["config"])
+    except ValueError as exc:
+        raise ValueError(f"checkpoint config is not valid ({exc})") from None
 
 
 def build_generator_from_config(config: Config) -> torch.nn.Module:
@@ -112,11 +133,20 @@ def generator_from_checkpoint(
     payload: dict[str, Any], device: str | torch.device = "cpu"
 ) -> tuple[torch.nn.Module, Config]:
     """Rebuild the generator a checkpoint describes, load its weights, and put it in eval mode."""
+    require_keys(payload, ("config", "models"))
     config = checkpoint_config(payload)
     generator = build_generator_from_config(config)
     if config.objective == "self-inverse":  # one function f = f⁻¹: `inverse` is `forward`
         from revgan_med.training.objectives_registration import SelfInverseGenerator
 
         generator = SelfInverseGenerator.from_generator(generator)
-    generator.load_state_dict(payload["models"]["generator"])
+    try:
+        generator.load_state_dict(payload["models"]["generator"])
+    except RuntimeError as exc:  # size mismatch / missing keys: a config edited apart from its weights
+        detail = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
+        m = config.model
+        raise ValueError(
+            f"the generator weights do not fit the checkpoint's model config ({m.generator}, width "
+            f"{m.width}, depth {m.depth}): {detail[:200]}"
+        ) from None
     return generator.to(device).eval(), config

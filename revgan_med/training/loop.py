@@ -46,6 +46,7 @@ from revgan_med.training.distributed import (
     init_distributed,
     shutdown_distributed,
 )
+from revgan_med.training.guards import check_resume, fresh_run_cleanup, require_finite_losses
 from revgan_med.training.logging import RunLogger
 from revgan_med.training.objectives import OBJECTIVES, Objective, build_objective
 from revgan_med.training.validation import ValidationSet
@@ -303,9 +304,12 @@ def train(config: Config, output_dir: str | Path, *, resume: bool = False) -> Pa
         raise ValueError(
             f"{run_dir}: already holds a run; pass --resume to continue it or choose another output"
         )
+    if resume:
+        check_resume(config, last)
     context = init_distributed(config.train.device)
     try:
-        return _run(config, run_dir, resume=resume, context=context)
+        with fresh_run_cleanup(run_dir, enabled=not resume and context.is_main):
+            return _run(config, run_dir, resume=resume, context=context)
     finally:
         shutdown_distributed(context)
 
@@ -363,6 +367,7 @@ def _run(config: Config, run_dir: Path, *, resume: bool, context: DistributedCon
         losses = train_step(
             objective, batch, optimizers=optimizers, scaler=scaler, amp_dtype=amp_dtype, context=context
         )
+        require_finite_losses(losses, state.step + 1)  # before any checkpoint could hold NaN weights
         losses["lr"] = optimizers["generator"].param_groups[0]["lr"]  # the rate this step used
         for scheduler in schedulers.values():
             scheduler.step()

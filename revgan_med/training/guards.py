@@ -1,0 +1,81 @@
+"""Checks that stop a run with one clear line instead of training on, or resuming, the wrong thing."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from revgan_med.config import Config, ConfigError
+from revgan_med.training.checkpoint import RESUME_KEYS, checkpoint_config, load_checkpoint, require_keys
+
+# what decides the shapes of the saved weights: a resume must not change it
+_WEIGHT_KEYS = ("task", "objective", "model", "loss.registration_width", "loss.registration_levels")
+
+
+class NonFiniteLoss(ValueError):
+    """A loss became NaN or infinite: training stops before the weights are saved."""
+
+
+def require_finite_losses(losses: Mapping[str, float], step: int) -> None:
+    """Stop at the first step whose loss is not finite, naming the step and the loss term."""
+    bad = [name for name, value in losses.items() if not math.isfinite(value)]
+    if bad:
+        term = next((n for n in bad if n not in ("g_loss", "d_loss")), bad[0])  # a term, not the total
+        raise NonFiniteLoss(
+            f"step {step}: loss {term} is {losses[term]} (not finite); training stopped and nothing was "
+            "saved from this step — check the data for NaN/Inf voxels or lower train.lr"
+        )
+
+
+def _weight_settings(values: dict) -> dict:
+    out = {}
+    for key in _WEIGHT_KEYS:
+        node = values
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        out[key] = node
+    return out
+
+
+def check_resume(config: Config, last: Path) -> None:
+    """Refuse to resume `last` with a config whose task, objective or model differ from the run's."""
+    payload = load_checkpoint(last)
+    try:
+        require_keys(payload, RESUME_KEYS)
+        saved = _weight_settings(checkpoint_config(payload).to_dict())
+    except ValueError as exc:
+        raise ValueError(f"{last}: {exc}") from None
+    wanted = _weight_settings(config.to_dict())
+    differ = [k for k in _WEIGHT_KEYS if saved[k] != wanted[k]]
+    if differ:
+        key, was, asks = differ[0], saved[differ[0]], wanted[differ[0]]
+        if isinstance(was, dict) and isinstance(asks, dict):  # model: only the keys that differ
+            sub = [k for k in asks if was.get(k) != asks[k]]
+            was, asks = {k: was.get(k) for k in sub}, {k: asks[k] for k in sub}
+        raise ConfigError(
+            f"{last}: the run was trained with {key} {was!r}, the config asks for {asks!r}; "
+            "resume with the run's own config (leave out --config) or train into a new --output"
+        )
+
+
+@contextlib.contextmanager
+def fresh_run_cleanup(run_dir: Path, *, enabled: bool) -> Iterator[None]:
+    """On failure of a new run before its first checkpoint, remove what it wrote (config.yaml,
+    metrics.csv, tensorboard/), so the folder reads as if the run had never started."""
+    existed = run_dir.exists()
+    before = set(run_dir.iterdir()) if existed else set()
+    try:
+        yield
+    except BaseException:
+        if enabled and not any((run_dir / "checkpoints").glob("*.pt")):
+            for entry in set(run_dir.iterdir()) - before if run_dir.exists() else ():
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            if not existed and run_dir.exists() and not any(run_dir.iterdir()):
+                run_dir.rmdir()
+        raise
