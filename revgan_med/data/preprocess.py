@@ -206,7 +206,10 @@ def process_case(job: Job, settings: Settings, output_dir: Path, overwrite: bool
     try:
         folder = _destination(output_dir, job, ".")
         remove_stale_temps(folder)  # left by a run that was killed while writing
-        wanted = {**_provenance(job, settings), "input": [input_identity(p, job.series_uid) for p in job.inputs]}
+        wanted = {
+            **_provenance(job, settings),
+            "input": [input_identity(p, job.series_uid) for p in job.inputs],
+        }
         files = None if overwrite else _finished(folder, wanted)
         if files is not None:
             return CaseResult(job.case, job.label, "skipped", "already done", files)

@@ -29,7 +29,9 @@ def require_finite(array: np.ndarray, where: str | Path) -> None:
 def safe_component(name: str, where: str) -> str:
     """`name` if it is one harmless path component (no separator, not ``.``/``..``, not hidden)."""
     if not name or name.startswith(".") or _UNSAFE_NAME.search(name) or Path(name).is_absolute():
-        raise ValueError(f"{where}: case name {name!r} must be one folder name (no '/', '\\', '..' or leading '.')")
+        raise ValueError(
+            f"{where}: case name {name!r} must be one folder name (no '/', '\\', '..' or leading '.')"
+        )
     return name
 
 

@@ -360,7 +360,9 @@ def save_dicom_series(
 def check_new_series_folder(out_dir: Path) -> None:
     """Refuse an existing folder as the target of a new series (callers check before computing it)."""
     if out_dir.exists():
-        raise VolumeError(f"{out_dir}: already exists; give --output a new folder (a series is never replaced)")
+        raise VolumeError(
+            f"{out_dir}: already exists; give --output a new folder (a series is never replaced)"
+        )
 
 
 def _source_refs(source: Path, series_uid: str | None) -> list[Dataset] | None:

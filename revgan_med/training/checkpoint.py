@@ -99,7 +99,9 @@ def require_keys(payload: dict[str, Any], keys: tuple[str, ...] = INFERENCE_KEYS
     if "models" in payload and "generator" not in (payload["models"] or {}):
         missing.append("models.generator")
     if missing:
-        raise ValueError(f"checkpoint lacks {', '.join(missing)} (damaged, or not written by revgan-med train)")
+        raise ValueError(
+            f"checkpoint lacks {', '.join(missing)} (damaged, or not written by revgan-med train)"
+        )
 
 
 def checkpoint_config(payload: dict[str, Any]) -> Config:
