@@ -12,6 +12,7 @@ import argparse
 import importlib
 import pkgutil
 import sys
+import warnings
 from collections.abc import Sequence
 
 from revgan_med import __version__
@@ -51,7 +52,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args._run(args) or 0)
+        with warnings.catch_warnings():
+            # numpy/nibabel RuntimeWarnings (overflow, invalid value) would reach the terminal as noise:
+            # every stage refuses non-finite volumes itself, with one line naming the file
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return int(args._run(args) or 0)
     except ConfigError as exc:
         print(f"revgan-med {args.command}: error: {exc}", file=sys.stderr)
         return 2

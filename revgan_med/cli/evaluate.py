@@ -59,7 +59,6 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from revgan_med.config import ConfigError
-    from revgan_med.evaluation import evaluate_volumes, format_table
 
     if args.sensitivity:
         return _sensitivity(args)
@@ -67,11 +66,16 @@ def run(args: argparse.Namespace) -> int:
     if baselines and args.input is None:
         raise ConfigError("--baseline needs --input (the scan the baselines upsample)")
     factors = None
-    if args.factors:
+    if args.factors:  # checked before the heavy imports below
         try:
             factors = [int(f) for f in args.factors.split(",")]
         except ValueError:
-            raise ConfigError(f"--factors {args.factors!r}: expected X,Y,Z integers") from None
+            factors = []
+        if len(factors) != 3 or min(factors) < 1:
+            raise ConfigError(f"--factors {args.factors!r}: expected three positive integers X,Y,Z")
+
+    from revgan_med.evaluation import evaluate_volumes, format_table
+
     window = args.window or (None if args.task == "dmri-sr" else "chest-1024")
     report = evaluate_volumes(
         args.prediction,

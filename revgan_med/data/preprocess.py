@@ -29,7 +29,13 @@ from revgan_med.data.degradation import SIMULATED_KERNEL_NOTE, simulate_kernel_p
 from revgan_med.data.transforms import WindowSpec, brain_mask, fit_dti, parse_window
 from revgan_med.io import atomic_write_text, discover_volumes, is_nifti, load_volume, save_volume
 from revgan_med.io.atomic import remove_stale_temps
-from revgan_med.io.checks import input_identity, require_finite, require_inside, safe_component
+from revgan_med.io.checks import (
+    check_output_location,
+    input_identity,
+    require_finite,
+    require_inside,
+    safe_component,
+)
 from revgan_med.sharding import shard_items
 
 GRID_ATOL_MM = 1e-2  # source/target grids of a kernel pair must agree to 0.01 mm
@@ -316,6 +322,12 @@ def _check_usage(input_dir: Path, output_dir: Path, task: str, factors: Sequence
         raise ConfigError(f"{input_dir}: input folder not found")
     if input_dir.resolve().is_relative_to(output_dir.resolve()):
         raise ConfigError(f"{output_dir}: the output folder must not be or contain the input folder")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"{output_dir}: exists and is not a folder")
+    try:
+        check_output_location(output_dir)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if len(factors) != 3 or any(int(f) != f or f < 1 for f in factors):
         raise ConfigError(f"factors {list(factors)!r}: need three positive integers X,Y,Z")
     if workers < 1:

@@ -367,7 +367,11 @@ def _run(config: Config, run_dir: Path, *, resume: bool, context: DistributedCon
         losses = train_step(
             objective, batch, optimizers=optimizers, scaler=scaler, amp_dtype=amp_dtype, context=context
         )
-        require_finite_losses(losses, state.step + 1)  # before any checkpoint could hold NaN weights
+        try:
+            require_finite_losses(losses, state.step + 1)  # before any checkpoint could hold NaN weights
+        except ValueError:
+            logger.close()  # ends the progress bar's line before the message
+            raise
         losses["lr"] = optimizers["generator"].param_groups[0]["lr"]  # the rate this step used
         for scheduler in schedulers.values():
             scheduler.step()
