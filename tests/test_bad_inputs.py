@@ -152,6 +152,12 @@ def _train(*extra: str, datalist: str = "datalist") -> Callable:
     return argv
 
 
+def _evaluate(w: dict, t: Path) -> list[str]:
+    folder = w["inputs"] / "eval"
+    return ["evaluate", "--prediction", str(folder / "pred"), "--reference", str(folder / "ref"),
+            "--window", "nlst", "--output", str(t / "metrics.csv")]  # fmt: skip
+
+
 def _nothing_written(w: dict, t: Path) -> None:
     assert not (t / "prep").exists() and not (t / "run").exists() and not (t / "out.nii.gz").exists()
 
@@ -216,9 +222,8 @@ CASES = [
     Bad("infer-bad-shard", _infer("run", "ct", "{t}/out", "--shard", "3/2"), 2, ("--shard",)),
     Bad("infer-dicom-into-existing-folder", _infer("run", "ct/good.nii.gz", "{o}/dicom_out",
         "--output-format", "dicom"), 1, ("dicom_out", "already exists", "--output")),  # fmt: skip
-    Bad("evaluate-nan-prediction", lambda w, t: ["evaluate", "--prediction", str(w["inputs"] / "eval" / "pred"),
-        "--reference", str(w["inputs"] / "eval" / "ref"), "--window", "nlst", "--output",
-        str(t / "metrics.csv")], 1, ("FAILED b", "b.nii.gz", "1 of 4096"), check=_mean_over_valid),  # fmt: skip
+    Bad("evaluate-nan-prediction", _evaluate, 1, ("FAILED b", "b.nii.gz", "1 of 4096"),
+        check=_mean_over_valid),
     Bad("evaluate-bad-factors", lambda w, t: ["evaluate", "--prediction", "p.nii.gz", "--reference",
         "r.nii.gz", "--factors", "2,x"], 2, ("--factors",)),  # fmt: skip
 ]  # fmt: skip
@@ -252,8 +257,9 @@ def test_bad_input_one_line_and_nothing_lost(case: Bad, world: dict, tmp_path: P
 
 def test_entry_point_prints_one_line_and_checks_arguments_before_importing_torch(world, tmp_path):
     """The installed command: no traceback for a broken checkpoint; a bad --shard fails before torch loads."""
-    cmd = [sys.executable, "-m", "revgan_med", "infer", "--checkpoint", str(world["inputs"] / "no_keys.pt"),
-           "--input", str(world["inputs"] / "ct" / "good.nii.gz"), "--output", str(tmp_path / "o.nii.gz")]  # fmt: skip
+    inputs = world["inputs"]
+    cmd = [sys.executable, "-m", "revgan_med", "infer", "--checkpoint", str(inputs / "no_keys.pt"),
+           "--input", str(inputs / "ct" / "good.nii.gz"), "--output", str(tmp_path / "o.nii.gz")]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert [line for line in result.stderr.splitlines() if line.strip()] == [
@@ -356,3 +362,14 @@ def test_nifti_size_checks_come_before_allocating(world, tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(volumes.VolumeError, match="file holds at most 0.0 MB"):
         load_volume(plain)
+
+
+def test_nan_weights_are_never_checkpointed():
+    from revgan_med.training.guards import NonFiniteLoss, require_finite_weights
+
+    layer = torch.nn.Conv3d(1, 2, 3)
+    require_finite_weights({"generator": layer}, 4)  # finite: no error
+    with torch.no_grad():
+        layer.bias[1] = float("inf")
+    with pytest.raises(NonFiniteLoss, match=r"step 4: weight generator\.bias is not finite"):
+        require_finite_weights({"generator": layer}, 4)

@@ -60,7 +60,8 @@ class Job:
     @property
     def inputs(self) -> list[Path]:
         """Every file or folder the case reads (never written to)."""
-        return [self.source, *([self.target] if self.target else []), *_gradient_files(self.source)]
+        sidecars = [p for p in _gradient_files(self.source) if p.is_file()] if is_nifti(self.source) else []
+        return [self.source, *([self.target] if self.target else []), *sidecars]
 
 
 @dataclass(frozen=True)
@@ -124,20 +125,17 @@ def _make_ct_sr(job: Job, s: Settings) -> tuple[dict, str]:
             "target": (hr, affine, "high-resolution reference")}, ""  # fmt: skip
 
 
-def _gradient_files(path: Path) -> list[Path]:
-    """The .bval/.bvec files beside a DWI NIfTI (both, or those of them that exist)."""
-    if not is_nifti(path):
-        return []
+def _gradient_files(path: Path) -> tuple[Path, Path]:
+    """Where the .bval/.bvec files of a DWI NIfTI are expected (beside it, same stem)."""
     stem = path.name[: -len(".nii.gz")] if path.name.lower().endswith(".gz") else path.stem
-    return [p for p in (path.with_name(stem + ".bval"), path.with_name(stem + ".bvec")) if p.is_file()]
+    return path.with_name(stem + ".bval"), path.with_name(stem + ".bvec")
 
 
 def _dwi_gradients(path: Path) -> tuple[np.ndarray, np.ndarray]:
     from dipy.io import read_bvals_bvecs
 
-    stem = path.name[: -len(".nii.gz")] if path.name.lower().endswith(".gz") else path.stem
-    bval, bvec = path.with_name(stem + ".bval"), path.with_name(stem + ".bvec")
-    if len(_gradient_files(path)) != 2:
+    bval, bvec = _gradient_files(path)
+    if not (bval.is_file() and bvec.is_file()):
         raise ValueError(f"{path}: a DWI series needs {bval.name} and {bvec.name} beside it")
     return read_bvals_bvecs(str(bval), str(bvec))
 

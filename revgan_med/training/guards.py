@@ -8,6 +8,8 @@ import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import torch
+
 from revgan_med.config import Config, ConfigError
 from revgan_med.training.checkpoint import RESUME_KEYS, checkpoint_config, load_checkpoint, require_keys
 
@@ -16,7 +18,7 @@ _WEIGHT_KEYS = ("task", "objective", "model", "loss.registration_width", "loss.r
 
 
 class NonFiniteLoss(ValueError):
-    """A loss became NaN or infinite: training stops before the weights are saved."""
+    """A loss or a weight became NaN or infinite: training stops before the weights are saved."""
 
 
 def require_finite_losses(losses: Mapping[str, float], step: int) -> None:
@@ -28,6 +30,17 @@ def require_finite_losses(losses: Mapping[str, float], step: int) -> None:
             f"step {step}: loss {term} is {losses[term]} (not finite); training stopped and nothing was "
             "saved from this step — check the data for NaN/Inf voxels or lower train.lr"
         )
+
+
+def require_finite_weights(modules: Mapping[str, torch.nn.Module], step: int) -> None:
+    """Refuse to checkpoint NaN/Inf weights (an overflowing update can make them from a finite loss)."""
+    for role, module in modules.items():
+        for name, tensor in module.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise NonFiniteLoss(
+                    f"step {step}: weight {role}.{name} is not finite; training stopped without saving it "
+                    "— check the data for NaN/Inf voxels or lower train.lr"
+                )
 
 
 def _weight_settings(values: dict) -> dict:

@@ -46,7 +46,12 @@ from revgan_med.training.distributed import (
     init_distributed,
     shutdown_distributed,
 )
-from revgan_med.training.guards import check_resume, fresh_run_cleanup, require_finite_losses
+from revgan_med.training.guards import (
+    check_resume,
+    fresh_run_cleanup,
+    require_finite_losses,
+    require_finite_weights,
+)
 from revgan_med.training.logging import RunLogger
 from revgan_med.training.objectives import OBJECTIVES, Objective, build_objective
 from revgan_med.training.validation import ValidationSet
@@ -248,6 +253,7 @@ class _Checkpointer:
         self.optimizers, self.schedulers, self.scaler = optimizers, schedulers, scaler
 
     def payload(self, state: TrainState) -> dict[str, Any]:
+        require_finite_weights(self.objective.modules_by_role(), state.step)
         return {
             "config": self.config.to_dict(),
             "intensity": self.intensity.to_dict(),
