@@ -205,6 +205,8 @@ CASES = [
         check=_nothing_written),
     Bad("train-missing-datalist", _train("--set", "data.datalist=nowhere.json"), 1, ("nowhere.json",),
         check=_nothing_written),
+    Bad("train-output-under-a-file", lambda w, t: ["train", "--config", str(w["other_task"]), "--output",
+        str(w["outputs"] / "blocker" / "run")], 1, ("blocker", "is a file, not a folder")),  # fmt: skip
     Bad("train-resume-other-task", lambda w, t: ["train", "--config", str(w["other_task"]), "--output",
         str(w["run"]), "--resume"], 2, ("last.pt", "task 'ct-kernel'", "own config")),  # fmt: skip
     Bad("infer-checkpoint-missing-keys", _infer("no_keys.pt", "ct/good.nii.gz"), 1,
@@ -215,6 +217,8 @@ CASES = [
         ("pickle.pt", "not a readable checkpoint", "could run code"), absent=("weights_only",)),
     Bad("infer-output-under-a-file", _infer("run", "ct/good.nii.gz", "{o}/blocker/x.nii.gz"), 1,
         ("blocker", "is a file, not a folder")),
+    Bad("infer-missing-input", _infer("run", "nowhere.nii.gz"), 1, ("nowhere.nii.gz", "no such file"),
+        check=_nothing_written),
     Bad("infer-inf-voxels", _infer("run", "inf/good.nii.gz"), 1, ("good.nii.gz", "9 of 4096", "infinite"),
         check=_nothing_written),
     Bad("infer-2d-image", _infer("run", "flat.nii.gz"), 1, ("flat.nii.gz", "2D", "3D volume"),

@@ -72,6 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import sys
+    from pathlib import Path
 
     from revgan_med.config import ConfigError
     from revgan_med.io.checks import check_output_location
@@ -81,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
         shard = parse_shard(args.shard)
     except ValueError as exc:
         raise ConfigError(f"--shard: {exc}") from None  # a usage error: exit 2
+    if not Path(args.input).exists():
+        raise ValueError(f"{args.input}: no such file or folder")
     for path in (args.output, args.consistency_map):
         if path is not None:
             check_output_location(path)  # before seconds of imports and minutes of inference

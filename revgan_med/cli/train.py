@@ -48,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
         config_path = Path(args.output) / "config.yaml"
     config = load_config(config_path, args.overrides)
 
+    from revgan_med.io.checks import check_output_location
+
+    check_output_location(Path(args.output) / "config.yaml")  # before seconds of imports
+
     from revgan_med.training.loop import train
 
     last = train(config, args.output, resume=args.resume)
