@@ -185,7 +185,7 @@ CASES = [
     Bad("pairs-case-absolute", _pairs("absolute.csv"), 2, ("absolute.csv", "'/tmp/x'", "one folder name"),
         check=_nothing_written),
     Bad("pairs-case-nested", _pairs("nested.csv"), 2, ("'a/b'",), check=_nothing_written),
-    Bad("preprocess-empty-folder", _prep("empty"), 1, ("empty", "no NIfTI file or DICOM series"),
+    Bad("preprocess-empty-folder", _prep("empty"), 2, ("empty", "no NIfTI file or DICOM series"),
         check=_nothing_written),
     Bad("preprocess-all-nan", _prep("nan"), 1, ("all_nan", "all voxels are NaN or infinite"),
         check=_failed_row("all_nan", "all voxels")),

@@ -17,7 +17,7 @@ Finished cases are skipped (resumable; --overwrite redoes them; a case whose inp
 inputs are never modified and nothing is written outside OUTPUT_DIR; volumes with NaN/Inf voxels are
 refused. A case that fails is named in report.csv and on stderr, and the others go on. --shard i/n
 makes the i-th of n slices of the cases (job arrays; report.shard<i>of<n>.csv). Exit code 0: all
-cases ok; 1: some failed or nothing found; 2: usage error.
+cases ok; 1: some failed; 2: usage error (also: no scan found).
 
 Examples:
   revgan-med preprocess scans/ prep/ --task ct-sr --factors 2,2,4 --workers 4

@@ -355,10 +355,10 @@ def preprocess(
 ) -> PreprocessReport:
     """Preprocess every case under `input_dir` into `output_dir` (see the module docstring).
 
-    Usage errors (missing folder, bad task/window/factors) raise `ConfigError`, an input without any
-    case `ValueError`; failures of single cases are rows with status "failed" in the report. `window`
-    is recorded in the datalist. `shard` (i, n) makes only the i-th of n slices of the cases (sorted
-    by name) and writes ``report.shard<i>of<n>.csv``; the datalist lists every finished case.
+    Usage errors (missing or empty folder, bad task/window/factors) raise `ConfigError`; failures of
+    single cases are rows with status "failed" in the report. `window` is recorded in the datalist.
+    `shard` (i, n) makes only the i-th of n slices of the cases (sorted by name) and writes
+    ``report.shard<i>of<n>.csv``; the datalist lists every finished case.
     """
     from tqdm import tqdm
 
@@ -372,7 +372,9 @@ def preprocess(
     settings = Settings(task, f, simulate_kernel)
     every = find_jobs(input_dir, output_dir, task=task, pairs_csv=pairs, simulate_kernel=simulate_kernel)
     if not every:
-        raise ValueError(f"{pairs or input_dir}: no NIfTI file or DICOM series found (nothing to preprocess)")
+        raise ConfigError(
+            f"{pairs or input_dir}: no NIfTI file or DICOM series found (nothing to preprocess)"
+        )
     every.sort(key=lambda j: j.case)
     jobs = shard_items(every, *shard)
     output_dir.mkdir(parents=True, exist_ok=True)
