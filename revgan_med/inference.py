@@ -332,6 +332,7 @@ def infer_path(
         raise ValueError(f"{input_path}: a 2D image (shape {array.shape}); infer needs a 3D volume")
     direction = options.get("direction", "forward")
     result = infer_volume(model, array, affine, consistency=consistency_map is not None, **options)
+    require_finite(result.array, f"{input_path}: the model's output")  # e.g. a checkpoint with NaN weights
     description = derived_description(model, direction)
     if output_format == "dicom":
         from revgan_med.io import save_dicom_series

@@ -377,3 +377,16 @@ def test_nan_weights_are_never_checkpointed():
         layer.bias[1] = float("inf")
     with pytest.raises(NonFiniteLoss, match=r"step 4: weight generator\.bias is not finite"):
         require_finite_weights({"generator": layer}, 4)
+
+
+def test_infer_refuses_to_write_a_non_finite_output(world, tmp_path, capsys):
+    payload = load_checkpoint(world["ckpt"])
+    weights = payload["models"]["generator"]
+    key = next(k for k, v in weights.items() if v.is_floating_point() and v.ndim > 1)
+    weights[key] = torch.full_like(weights[key], float("nan"))
+    broken = save_checkpoint(tmp_path / "nan_weights.pt", payload)
+    argv = ["infer", "--checkpoint", str(broken), "--input", str(world["inputs"] / "ct" / "good.nii.gz"),
+            "--output", str(tmp_path / "out.nii.gz"), "--device", "cpu"]  # fmt: skip
+    code, text = _run(argv, capsys)
+    assert code == 1 and "the model's output" in text and "NaN or infinite" in text
+    assert not (tmp_path / "out.nii.gz").exists()
