@@ -27,7 +27,7 @@ from _training_data import AFFINE, tiny_config, write_kernel_datalist
 from revgan_med.cli import main
 from revgan_med.config import save_config
 from revgan_med.data.phantom import make_phantom
-from revgan_med.io import load_volume, save_volume
+from revgan_med.io import load_volume, save_dicom_series, save_volume
 from revgan_med.training.checkpoint import load_checkpoint, save_checkpoint
 from revgan_med.training.loop import train
 
@@ -296,6 +296,7 @@ def test_resume_redoes_a_changed_input_and_removes_stale_temporary_files(tmp_pat
     scans = tmp_path / "scans"
     save_volume(_scan(1), AFFINE, scans / "chest1.nii.gz")
     save_volume(_scan(2), AFFINE, scans / "chest2.nii.gz")
+    save_dicom_series(np.round(_scan(3)), AFFINE, scans / "series", series_description="s")
     out = tmp_path / "prep"
     argv = ["preprocess", str(scans), str(out), "--task", "ct-sr", "--factors", "2,2,2"]
     assert _run(argv, capsys)[0] == 0
@@ -303,10 +304,14 @@ def test_resume_redoes_a_changed_input_and_removes_stale_temporary_files(tmp_pat
     stale.write_bytes(b"half a volume")
     shutil.copy(scans / "chest2.nii.gz", scans / "chest1.nii.gz")  # a different scan under the old name
     code, text = _run(argv, capsys)
-    assert code == 0 and "1 ok, 1 skipped, 0 failed" in text
+    assert code == 0 and "1 ok, 2 skipped, 0 failed" in text
     np.testing.assert_array_equal(load_volume(out / "chest1" / "target.nii.gz")[0], _scan(2))
     assert not stale.exists()
-    assert _run(argv, capsys)[1].startswith("0 ok, 2 skipped")  # unchanged inputs: nothing redone
+    save_dicom_series(np.round(_scan(4)), AFFINE, scans / "series", series_description="s", overwrite=True)
+    code, text = _run(argv, capsys)  # a new series in the old folder: its UID and files differ
+    assert code == 0 and "1 ok, 2 skipped, 0 failed" in text
+    np.testing.assert_allclose(load_volume(out / "series" / "target.nii.gz")[0], np.round(_scan(4)), atol=0.5)
+    assert _run(argv, capsys)[1].startswith("0 ok, 3 skipped")  # unchanged inputs: nothing redone
 
 
 def test_shards_together_make_every_case_once(tmp_path, capsys):
