@@ -220,13 +220,10 @@ def _check_values(config: Config) -> None:
     if not 0 <= config.data.foreground_fraction <= 1:
         raise ConfigError(f"config key 'data.foreground_fraction': {config.data.foreground_fraction!r} "
                           "must lie in [0, 1]")  # fmt: skip
-    if (
-        config.train.lr <= 0
-        or len(config.train.betas) != 2
-        or not all(0 <= b < 1 for b in config.train.betas)
-    ):
-        raise ConfigError(f"config keys 'train.lr' / 'train.betas': {config.train.lr!r} must be > 0 and "
-                          f"{config.train.betas!r} two numbers in [0, 1)")  # fmt: skip
+    if config.train.lr < 0:  # 0 is allowed: a run that only fits or evaluates
+        raise ConfigError(f"config key 'train.lr': {config.train.lr!r} must be >= 0")
+    if len(config.train.betas) != 2 or not all(0 <= b < 1 for b in config.train.betas):
+        raise ConfigError(f"config key 'train.betas': {config.train.betas!r} must be two numbers in [0, 1)")
 
 
 def _merge(into: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:

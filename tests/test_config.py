@@ -67,3 +67,26 @@ def test_config_file_errors_name_the_file(tmp_path):
     bad.write_text("model: {width: 8, oops: 1}\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml.*model\.oops"):
         load_config(bad)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("data.factors=[2,2,0]", "data.factors"),
+        ("data.patch_size=[32,32]", "data.patch_size"),
+        ("train.steps=0", "train.steps"),
+        ("train.batch_size=-1", "train.batch_size"),
+        ("train.lr=-0.1", "train.lr"),
+        ("train.betas=[0.5,1.5]", "train.betas"),
+        ("data.foreground_fraction=2", "data.foreground_fraction"),
+        ("infer.context_size=0", "infer.context_size"),
+    ],
+)
+def test_values_no_run_can_use_are_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config_from_dict({}, [override])
+
+
+def test_edge_values_that_runs_use_are_accepted():
+    config = config_from_dict({}, ["train.lr=0", "data.num_workers=0", "data.factors=[1,1,1]"])
+    assert config.train.lr == 0 and config.data.factors == [1, 1, 1]
