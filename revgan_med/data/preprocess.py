@@ -36,6 +36,7 @@ from revgan_med.io.checks import (
     require_inside,
     safe_component,
 )
+from revgan_med.io.volumes import one_line
 from revgan_med.sharding import shard_items
 
 GRID_ATOL_MM = 1e-2  # source/target grids of a kernel pair must agree to 0.01 mm
@@ -227,8 +228,7 @@ def process_case(job: Job, settings: Settings, output_dir: Path, overwrite: bool
         record = {**wanted, "files": files, "note": note}
         atomic_write_text(_destination(output_dir, job, "case.json"), json.dumps(record, indent=2) + "\n")
     except Exception as exc:  # any failure of one case is reported and the batch goes on
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        return CaseResult(job.case, job.label, "failed", message)
+        return CaseResult(job.case, job.label, "failed", one_line(exc))
     return CaseResult(job.case, job.label, "ok", note, files)
 
 

@@ -26,7 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
 from revgan_med import __version__
-from revgan_med.io.volumes import VolumeError
+from revgan_med.io.volumes import VolumeError, one_line
 
 # header tags read by discovery, series selection and the writer (pixels are never read for these)
 HEADER_TAGS = [
@@ -95,7 +95,7 @@ def read_header(path: Path) -> Dataset | None:
         is_image = "Rows" in ds and "SeriesInstanceUID" in ds
     except Exception as exc:  # pydicom raises many types for damaged files
         if claimed:
-            raise VolumeError(f"{path}: unreadable DICOM ({_one_line(exc)})") from None
+            raise VolumeError(f"{path}: unreadable DICOM ({one_line(exc)})") from None
         return None
     if not is_image and claimed and "SOPClassUID" not in ds and "MediaStorageSOPClassUID" not in ds.file_meta:
         raise VolumeError(f"{path}: unreadable DICOM (no SOPClassUID / image header)")
@@ -169,7 +169,7 @@ def load_dicom(path: str | Path, series_uid: str | None = None) -> tuple[np.ndar
         except VolumeError as exc:
             raise VolumeError(f"{file}: {exc}") from None
         except Exception as exc:  # damaged pixel data, unsupported codecs, bad tag values
-            raise VolumeError(f"{file}: cannot decode DICOM image ({_one_line(exc)})") from None
+            raise VolumeError(f"{file}: cannot decode DICOM image ({one_line(exc)})") from None
     return _assemble(planes, where=path)
 
 
@@ -469,7 +469,3 @@ def _has_magic(path: Path) -> bool:
             return f.read(132)[128:132] == b"DICM"
     except OSError:
         return False
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

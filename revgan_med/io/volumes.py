@@ -66,12 +66,12 @@ def _load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         img = nib.load(str(path))  # reads the header only
     except Exception as exc:  # nibabel raises many types for corrupt/truncated files
-        raise VolumeError(f"{path}: cannot read NIfTI ({_one_line(exc)})") from None
+        raise VolumeError(f"{path}: cannot read NIfTI ({one_line(exc)})") from None
     _check_claimed_size(path, img)
     try:
         data = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as exc:
-        raise VolumeError(f"{path}: cannot read NIfTI ({_one_line(exc)})") from None
+        raise VolumeError(f"{path}: cannot read NIfTI ({one_line(exc)})") from None
     if data.ndim == 5 and data.shape[3] == 1:  # (x, y, z, t=1, c): vector images as ITK writes them
         data = data[:, :, :, 0]
     if data.ndim == 2:
@@ -81,7 +81,8 @@ def _load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data, np.asarray(img.affine, dtype=np.float64)
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """An exception as one line (its type name when it has no message)."""
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
