@@ -6,7 +6,8 @@ checkpoint. INPUT is a NIfTI file, a DICOM series folder, or a folder of them (t
 (thick slices); the output is on the HR grid implied by the checkpoint's factors, in HU. Each target
 window is predicted from a context window centred on it (default: the training patch size). Outputs
 are written atomically, never over the input, and labelled as derived: GAN outputs can invent or
-remove structures — not for diagnosis.
+remove structures — not for diagnosis. Scans with NaN/Inf voxels and 2D images are refused (one line
+each; a folder run goes on with the others).
 
 Examples:
   revgan-med infer --checkpoint runs/ct_sr/checkpoints/best.pt --input thick.nii.gz --output sr.nii.gz
