@@ -6,7 +6,8 @@ width); for dMRI (--task dmri-sr) there is no window and --mask adds RMSE in the
 interior (mask eroded by 5³). Baselines are computed from the same thick-slice input (--input):
 identity (nearest / unchanged), trilinear and tricubic centre-aligned upsampling to the HR grid.
 Prints per-case rows plus mean and std; --output writes them as CSV, --figure a PNG of coronal and
-axial slices. Exit 0 when every case was evaluated, 1 when some failed, 2 on usage errors.
+axial slices. A case whose volumes hold NaN/Inf voxels fails (the mean covers the valid cases).
+Exit 0 when every case was evaluated, 1 when some failed, 2 on usage errors.
 
 Examples:
   revgan-med evaluate --prediction sr.nii.gz --reference hr.nii.gz --input thick.nii.gz \\
