@@ -395,3 +395,18 @@ def test_infer_refuses_to_write_a_non_finite_output(world, tmp_path, capsys):
     code, text = _run(argv, capsys)
     assert code == 1 and "the model's output" in text and "NaN or infinite" in text
     assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_a_failed_new_run_removes_only_what_it_wrote(tmp_path):
+    from revgan_med.training.guards import fresh_run_cleanup
+
+    run = tmp_path / "shared_folder"
+    run.mkdir()
+    (run / "notes.txt").write_text("the user's")
+    with pytest.raises(RuntimeError), fresh_run_cleanup(run, enabled=True):
+        (run / "config.yaml").write_text("task: ct-sr")
+        (run / "tensorboard").mkdir()
+        (run / "metrics.csv").write_text("step")
+        (run / "other.log").write_text("another program's, written meanwhile")
+        raise RuntimeError("failed before the first checkpoint")
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt", "other.log"]

@@ -74,20 +74,26 @@ def check_resume(config: Config, last: Path) -> None:
         )
 
 
+# what a run writes into its folder; only these are removed after a failed start
+RUN_ENTRIES = ("config.yaml", "metrics.csv", "tensorboard", "checkpoints")
+
+
 @contextlib.contextmanager
 def fresh_run_cleanup(run_dir: Path, *, enabled: bool) -> Iterator[None]:
     """On failure of a new run before its first checkpoint, remove what it wrote (config.yaml,
-    metrics.csv, tensorboard/), so the folder reads as if the run had never started."""
+    metrics.csv, tensorboard/, an empty checkpoints/), so the folder reads as if it had never started.
+    Entries that were there before, and anything else in the folder, are left alone."""
     existed = run_dir.exists()
-    before = set(run_dir.iterdir()) if existed else set()
+    before = {name for name in RUN_ENTRIES if (run_dir / name).exists()}
     try:
         yield
     except BaseException:
         if enabled and not any((run_dir / "checkpoints").glob("*.pt")):
-            for entry in set(run_dir.iterdir()) - before if run_dir.exists() else ():
+            for name in set(RUN_ENTRIES) - before:
+                entry = run_dir / name
                 if entry.is_dir():
                     shutil.rmtree(entry)
-                else:
+                elif entry.exists():
                     entry.unlink()
             if not existed and run_dir.exists() and not any(run_dir.iterdir()):
                 run_dir.rmdir()
