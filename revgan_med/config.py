@@ -16,9 +16,7 @@ from typing import Any, Union
 
 import yaml
 
-TASKS = ("ct-sr", "ct-kernel", "dmri-sr")
-# image channels per task: CT is one HU channel, dMRI the 6 free components of the diffusion tensor
-TASK_CHANNELS = {"ct-sr": 1, "ct-kernel": 1, "dmri-sr": 6}
+from revgan_med.tasks import DEFAULT_FACTORS, DEFAULT_WINDOW, TASKS, UPSAMPLE_MODES
 
 
 class ConfigError(ValueError):
@@ -29,18 +27,15 @@ def _choices(*values: str) -> dict[str, Any]:
     return {"choices": values}
 
 
-# how a thick-slice scan is mapped onto the HR grid (`revgan_med.data.degradation.upsample_to_hr`)
-UPSAMPLE_MODES = ("nearest", "trilinear", "tricubic")
-
 
 @dataclass
 class DataConfig:
     datalist: str = "datalist.json"
-    window: str | list[float] = "chest-1024"  # preset name or [min, max] in HU
+    window: str | list[float] = DEFAULT_WINDOW  # preset name or [min, max] in HU
     patch_size: list[int] = field(default_factory=lambda: [128, 128, 128])
     samples_per_volume: int = 4
     foreground_fraction: float = 0.01
-    factors: list[int] = field(default_factory=lambda: [2, 2, 4])  # super-resolution x, y, z
+    factors: list[int] = field(default_factory=lambda: list(DEFAULT_FACTORS))  # super-resolution x, y, z
     upsample: str = field(default="nearest", metadata=_choices(*UPSAMPLE_MODES))
     num_workers: int = 2
 

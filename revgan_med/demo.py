@@ -24,9 +24,11 @@ from typing import Any
 
 import numpy as np
 
+from revgan_med.tasks import DEFAULT_FACTORS
+
 SHAPE = (96, 96, 64)  # voxels (x, y, z); divisible by the factors, so the thick-slice round trip is exact
 SPACING = (1.0, 1.0, 1.0)  # mm
-FACTORS = (2, 2, 4)
+FACTORS = DEFAULT_FACTORS
 N_TRAIN = 4  # training + validation phantoms (preprocess keeps one for validation)
 BASELINES = ("trilinear", "tricubic")
 STAGES = ("phantoms", "preprocess", "train", "infer", "evaluate", "report")
@@ -314,9 +316,9 @@ def run_demo(
             prediction,
             reference,
             input=thick,
-            window="chest-1024",
+            window=model.intensity["window"],  # the checkpoint's own window and factors
             baselines=BASELINES,
-            factors=FACTORS,
+            factors=model.factors,
             figure=figures / "comparison.png",
         )
         if evaluation.failed:

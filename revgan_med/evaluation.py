@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 from skimage.metrics import structural_similarity
 
+from revgan_med.tasks import DEFAULT_WINDOW
+
 # SSIM as Wang et al. 2004 and MONAI's SSIMMetric: Gaussian window σ = 1.5 (11 voxels), population covariance
 SSIM_SIGMA = 1.5
 
@@ -272,7 +274,7 @@ def evaluate_volumes(
     *,
     input: str | Path | None = None,
     mask: str | Path | None = None,
-    window: str | Sequence[float] | None = "chest-1024",
+    window: str | Sequence[float] | None = DEFAULT_WINDOW,
     baselines: Sequence[str] = (),
     factors: Sequence[int] | None = None,
     output: str | Path | None = None,

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from monai.data.utils import dense_patch_slices
 
-from revgan_med.config import TASK_CHANNELS
+from revgan_med.checkpoints import Model, load_checkpoint, model_from_checkpoint
+from revgan_med.tasks import TASK_CHANNELS
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -129,45 +130,9 @@ def sliding_window_predict(
     return out
 
 
-@dataclass
-class Model:
-    """A generator plus everything inference needs from its checkpoint.
-
-    `generator` has ``forward`` (X→Y) and ``inverse`` (Y→X) on (B, C, X, Y, Z) in network units;
-    `intensity` is the mapping's ``to_dict()``; `patch_size` the training patch (default context).
-    """
-
-    generator: torch.nn.Module
-    task: str
-    intensity: dict[str, Any]
-    patch_size: tuple[int, int, int]
-    factors: tuple[int, int, int] = (1, 1, 1)
-    upsample: str = "nearest"
-    target_size: int = 64
-    batch_size: int = 1
-    name: str = "model"
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-
 def load_model(checkpoint: str | Path, *, device: str | torch.device | None = "auto") -> Model:
     """Read a checkpoint (``weights_only``) and rebuild its generator on `device` in eval mode."""
-    from revgan_med.training.checkpoint import generator_from_checkpoint, load_checkpoint
-
-    run_device = resolve_device(device)
-    payload = load_checkpoint(checkpoint)
-    generator, config = generator_from_checkpoint(payload, run_device)
-    return Model(
-        generator=generator,
-        task=config.task,
-        intensity=dict(payload["intensity"]),
-        patch_size=_triple(config.data.patch_size, "data.patch_size"),
-        factors=_triple(config.data.factors, "data.factors") if config.task != "ct-kernel" else (1, 1, 1),
-        upsample=config.data.upsample,
-        target_size=config.infer.target_size,
-        batch_size=config.infer.batch_size,
-        name=f"{config.model.generator} {config.task}",
-        device=run_device,
-    )
+    return model_from_checkpoint(load_checkpoint(checkpoint), resolve_device(device))
 
 
 @dataclass

@@ -209,9 +209,9 @@ def test_shards_partition_the_sorted_list() -> None:
 
 @pytest.fixture
 def checkpoint(tmp_path: Path) -> Path:
+    from revgan_med.checkpoints import save_checkpoint
     from revgan_med.config import config_from_dict
     from revgan_med.networks import build_generator
-    from revgan_med.training.checkpoint import save_checkpoint
 
     config = config_from_dict(
         {

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from _training_data import tiny_config, write_kernel_datalist
 
+from revgan_med.checkpoints import load_checkpoint
 from revgan_med.config import load_config
 from revgan_med.data.misalign import misalign_pair, misalignment_ranges
-from revgan_med.training.checkpoint import load_checkpoint
 from revgan_med.training.distributed import init_distributed
 from revgan_med.training.loop import build_training_objective, train, train_step
 

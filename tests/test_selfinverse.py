@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 from _training_data import tiny_config, write_kernel_datalist
 
+from revgan_med.checkpoints import generator_from_checkpoint, load_checkpoint
 from revgan_med.config import load_config
 from revgan_med.networks import build_generator, init_weights
+from revgan_med.networks.selfinverse import SelfInverseGenerator
 from revgan_med.sensitivity import gaussian_perturbation, output_sensitivity, sensitivity_analysis
-from revgan_med.training.checkpoint import generator_from_checkpoint, load_checkpoint
 from revgan_med.training.distributed import init_distributed
 from revgan_med.training.loop import build_training_objective, train, train_step
-from revgan_med.training.objectives_registration import SelfInverseGenerator
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from revgan_med.benchmarks import write_json
-from revgan_med.config import UPSAMPLE_MODES
+from revgan_med.tasks import UPSAMPLE_MODES
 
 if TYPE_CHECKING:
     import numpy as np

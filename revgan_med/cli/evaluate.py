@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 
+from revgan_med.tasks import DEFAULT_WINDOW, TASKS
+
 HELP = "metrics (MAE/PSNR/SSIM, masked RMSE) vs references and interpolation baselines"
 ORDER = 40
 
@@ -33,18 +35,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", help="the model's input (thick-slice scan), for baselines and figures")
     parser.add_argument("--mask", help="mask volume (or folder): metrics inside it, plus interior RMSE")
     parser.add_argument(
-        "--window", help="NAME or MIN,MAX in HU (default: chest-1024 for CT, none for dmri-sr)"
+        "--window",
+        help=f"NAME or MIN,MAX in HU (default: the --checkpoint's window, else {DEFAULT_WINDOW} for CT, "
+        "none for dmri-sr)",
     )
+    parser.add_argument(
+        "--checkpoint", metavar="CKPT",
+        help="the model that made the predictions: task, window and factors default to its own",
+    )  # fmt: skip
     parser.add_argument(
         "--baseline", default="", help="comma list of identity,trilinear,tricubic (needs --input)"
     )
     parser.add_argument("--output", help="CSV file for per-case rows plus mean and std")
     parser.add_argument("--figure", help="PNG of coronal and axial slices (one per case for folders)")
+    parser.add_argument("--task", choices=TASKS, help="default: the --checkpoint's task, else ct-sr")
     parser.add_argument(
-        "--task", default="ct-sr", choices=("ct-sr", "ct-kernel", "dmri-sr"), help="default: ct-sr"
-    )
-    parser.add_argument(
-        "--factors", help="X,Y,Z super-resolution factors (default: reference shape // input shape)"
+        "--factors",
+        help="X,Y,Z super-resolution factors (default: the --checkpoint's, else reference shape // "
+        "input shape)",
     )
     parser.add_argument(
         "--sensitivity", metavar="CKPT",
@@ -60,19 +68,29 @@ def run(args: argparse.Namespace) -> int:
 
     from revgan_med.config import ConfigError
     from revgan_med.evaluation import evaluate_volumes, format_table
+    from revgan_med.tasks import evaluation_window, parse_factors
 
     if args.sensitivity:
         return _sensitivity(args)
     baselines = [b.strip() for b in args.baseline.split(",") if b.strip()]
     if baselines and args.input is None:
         raise ConfigError("--baseline needs --input (the scan the baselines upsample)")
-    factors = None
+    spec = None
+    if args.checkpoint:
+        from revgan_med.checkpoints import checkpoint_spec, load_checkpoint
+
+        spec = checkpoint_spec(load_checkpoint(args.checkpoint))
+    task = args.task or (spec.task if spec else "ct-sr")
+    factors = spec.factors if spec else None
     if args.factors:
         try:
-            factors = [int(f) for f in args.factors.split(",")]
-        except ValueError:
-            raise ConfigError(f"--factors {args.factors!r}: expected X,Y,Z integers") from None
-    window = args.window or (None if args.task == "dmri-sr" else "chest-1024")
+            factors = parse_factors(args.factors)
+        except ValueError as exc:
+            raise ConfigError(f"--factors: {exc}") from None
+    try:
+        window = evaluation_window(task, args.window, spec.window if spec else None)
+    except ValueError as exc:
+        raise ConfigError(f"--window: {exc}") from None
     report = evaluate_volumes(
         args.prediction,
         args.reference,
@@ -85,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         figure=args.figure,
     )
     if report.rows:
-        print(f"window: {window or 'none'}")
+        print(f"window: {'none' if window is None else '{:g},{:g}'.format(*window)}")
         print(format_table(report.rows + report.summary))
     for name, message in report.failed:
         print(f"FAILED {name}: {message}", file=sys.stderr)

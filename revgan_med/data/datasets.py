@@ -26,9 +26,9 @@ from revgan_med.data.transforms import (
     WindowSpec,
     intensity_for_task,
 )
+from revgan_med.tasks import SR_TASKS
 
 IntensityOrWindow = IntensityMapping | WindowSpec
-SR_TASKS = ("ct-sr", "dmri-sr")
 GRID_TOLERANCE_MM = 1e-3
 
 
