@@ -201,8 +201,8 @@ def test_benchmark_residual_generators_start_as_the_identity(tmp_path, residual:
     import json
 
     from scipy.ndimage import gaussian_filter
+    from selfinverse import main
 
-    from revgan_med.cli import main
     from revgan_med.io.dicom import save_dicom_series
 
     rng = np.random.default_rng(0)
@@ -212,7 +212,7 @@ def test_benchmark_residual_generators_start_as_the_identity(tmp_path, residual:
         save_dicom_series(np.round(hu), np.eye(4), tmp_path / "pair" / kernel, series_description=kernel)
     out = tmp_path / "selfinverse.json"
     flag = "--residual" if residual else "--no-residual"
-    args = ["benchmark", "selfinverse", "--pair", str(tmp_path / "pair"), "--steps", "2", "--width", "4",
+    args = ["--pair", str(tmp_path / "pair"), "--steps", "2", "--width", "4",
             "--lr", "0", "--linear-kernel", "none", "--device", "cpu", flag, "--json", str(out)]  # fmt: skip
     assert main(args) == 0
     result = json.loads(out.read_text())

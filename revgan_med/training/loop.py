@@ -315,7 +315,7 @@ def _spec(config: Config) -> TaskSpec:
         raise ConfigError(str(exc)) from None
 
 
-def _optimisers(objective: Objective, config: Config) -> tuple[dict, dict]:
+def build_optimisers(objective: Objective, config: Config) -> tuple[dict, dict]:
     """Adam and the constant-then-linear-decay schedule (thesis §4.3), one pair per trained role."""
     t = config.train
     schedule = functools.partial(lr_factor, steps=t.steps, decay_start=t.decay_start)
@@ -343,7 +343,7 @@ def _run(config: Config, run_dir: Path, *, resume: bool, context: DistributedCon
     intensity = intensity_for_task(spec.task, spec.window)
     objective = build_training_objective(config).to(device)
     broadcast_module(objective, context)
-    optimizers, schedulers = _optimisers(objective, config)
+    optimizers, schedulers = build_optimisers(objective, config)
     amp_dtype = autocast_dtype(t.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     checkpointer = _Checkpointer(config, spec, objective, optimizers, schedulers, scaler, intensity)
