@@ -212,6 +212,6 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
 
 def save_config(config: Config, path: str | Path) -> None:
     """Write the fully resolved config as YAML (atomically)."""
-    from revgan_med.io.atomic import atomic_write_text
+    from revgan_med.io.atomic import atomic_write_text  # the CLI imports this module: `--help` stays light
 
     atomic_write_text(Path(path), yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -19,6 +19,10 @@ import torch.nn.functional as F
 from monai.data.utils import dense_patch_slices
 
 from revgan_med.checkpoints import Model, load_checkpoint, model_from_checkpoint
+from revgan_med.data.degradation import thick_slice, upsample_to_hr
+from revgan_med.data.transforms import CTWindow, DTIScale, intensity_from_dict
+from revgan_med.io import VolumeRef, discover_volumes, load_volume, save_dicom_series, save_volume
+from revgan_med.io.volumes import is_nifti
 from revgan_med.tasks import TASK_CHANNELS
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
@@ -189,9 +193,6 @@ def infer_volume(
     patch, target to the checkpoint's `infer.target_size` capped at half the context, batch size to
     the checkpoint's `infer.batch_size`.
     """
-    from revgan_med.data.degradation import thick_slice, upsample_to_hr
-    from revgan_med.data.transforms import CTWindow, DTIScale, intensity_from_dict
-
     if direction not in ("forward", "inverse"):
         raise ValueError(f"direction {direction!r}: expected forward or inverse")
     channels = TASK_CHANNELS[model.task]
@@ -270,9 +271,6 @@ def infer_path(
     receives |G(F(x)) − x|; its summary (`consistency_summary`) is returned. Never writes over or
     inside the input.
     """
-    from revgan_med.io import load_volume, save_volume
-    from revgan_med.io.volumes import is_nifti
-
     input_path, output_path = Path(input_path), Path(output_path)
     if output_format not in ("nifti", "dicom"):
         raise ValueError(f"output format {output_format!r}: expected nifti or dicom")
@@ -286,8 +284,6 @@ def infer_path(
     result = infer_volume(model, array, affine, consistency=consistency_map is not None, **options)
     description = derived_description(model, direction)
     if output_format == "dicom":
-        from revgan_med.io import save_dicom_series
-
         if result.array.ndim != 3:
             raise ValueError(
                 f"{input_path}: DICOM output needs a scalar volume, got shape {result.array.shape}"
@@ -353,8 +349,6 @@ def infer_inputs(
     others still run. Options as `infer_path`.
     """
     from tqdm import tqdm
-
-    from revgan_med.io import VolumeRef, discover_volumes
 
     input_path, output_path = Path(input_path), Path(output_path)
     refs = (

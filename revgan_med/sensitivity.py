@@ -15,7 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from revgan_med.data.transforms import CTWindow, intensity_from_dict
 from revgan_med.evaluation import compute_metrics
+from revgan_med.inference import infer_volume, load_model
+from revgan_med.io import load_volume
 from revgan_med.tasks import evaluation_window
 
 __all__ = [
@@ -130,10 +133,6 @@ def sensitivity_from_files(
     ``revgan-med evaluate --checkpoint``: the checkpoint's own, `evaluation_window`); CT only. Returns
     one row (`SENSITIVITY_COLUMNS`).
     """
-    from revgan_med.data.transforms import CTWindow, intensity_from_dict
-    from revgan_med.inference import infer_volume, load_model
-    from revgan_med.io import load_volume
-
     model = load_model(checkpoint, device=device)
     x, affine = load_volume(source)
     dx, _ = load_volume(perturbed)

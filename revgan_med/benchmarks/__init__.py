@@ -10,10 +10,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from revgan_med.io.atomic import atomic_write_text
-
 
 def write_json(path: Path | None, result: Any) -> None:
     """Write a benchmark's numbers to `path` (atomically) when `--json` was given."""
     if path is not None:
+        from revgan_med.io.atomic import atomic_write_text  # `revgan-med --help` loads this module
+
         atomic_write_text(path, json.dumps(result, indent=2) + "\n")
