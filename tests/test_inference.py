@@ -10,17 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from revgan_med.checkpoints import Model
 from revgan_med.data.degradation import thick_slice
-from revgan_med.inference import (
-    Model,
-    consistency_summary,
-    infer_inputs,
-    infer_path,
-    infer_volume,
-    parse_shard,
-    shard_items,
-    sliding_window_predict,
-)
+from revgan_med.inference import consistency_summary, infer_volume, sliding_window_predict
+from revgan_med.inference_files import infer_inputs, infer_path, parse_shard, shard_items
 from revgan_med.io import load_volume, save_volume
 
 WINDOW = {"kind": "ct-window", "window": [-1150.0, 350.0]}

@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from revgan_med.config import ConfigError
-    from revgan_med.inference import infer_inputs, load_model, parse_shard
+    from revgan_med.inference import load_model
+    from revgan_med.inference_files import infer_inputs, parse_shard
 
     try:
         shard = parse_shard(args.shard)
