@@ -12,6 +12,19 @@ PACKAGE = Path(__file__).resolve().parents[1] / "revgan_med"
 # modules that must work without the training code (a model is used, not trained, there); a prefix
 # covers a package's modules and, for inference, every ``revgan_med.inference*`` module
 BELOW_TRAINING = ("revgan_med.inference", "revgan_med.networks", "revgan_med.data", "revgan_med.io")
+# the layers, top to bottom (README "Architecture"): a module may import its own layer and those below
+LAYERS = (
+    ("revgan_med.cli", "revgan_med.__main__"),
+    ("revgan_med.demo", "revgan_med.sensitivity", "revgan_med.benchmarks"),
+    ("revgan_med.training",),
+    ("revgan_med.evaluation", "revgan_med.figures", "revgan_med.inference_files"),
+    ("revgan_med.inference",),
+    ("revgan_med.checkpoints",),
+    ("revgan_med.networks", "revgan_med.data"),
+    ("revgan_med.config",),
+    ("revgan_med.io",),
+    ("revgan_med.tasks", "revgan_med.registry"),
+)
 
 
 def _module_name(path: Path) -> str:
@@ -50,6 +63,17 @@ def import_graph() -> dict[str, set[str]]:
     return graph
 
 
+def layer_of(module: str) -> int | None:
+    """Index in `LAYERS` of the longest name that is `module` or a package above it."""
+    matches = [
+        (len(name), index)
+        for index, names in enumerate(LAYERS)
+        for name in names
+        if module == name or module.startswith(name + ".")
+    ]
+    return max(matches)[1] if matches else None
+
+
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     """One import cycle as a list of modules (first == last), or None."""
     state: dict[str, int] = {}  # 1: on the current path, 2: finished
@@ -83,6 +107,10 @@ def test_graph_resolves_names_imported_from_modules() -> None:
     assert "revgan_med.networks.coupling" in graph["revgan_med.networks.generators"]
     assert "revgan_med.config" in graph["revgan_med.training.loop"]
     assert "revgan_med.inference" in graph["revgan_med.inference_files"]
+    # longest match: inference_files is its own entry, not the inference layer's
+    files, arrays = layer_of("revgan_med.inference_files"), layer_of("revgan_med.inference")
+    assert files < arrays < layer_of("revgan_med.io")
+    assert layer_of("revgan_med.training.objectives.base") == layer_of("revgan_med.training")
 
 
 def test_package_has_no_import_cycle() -> None:
@@ -101,3 +129,17 @@ def test_layer_does_not_import_training(layer: str) -> None:
         if target.startswith("revgan_med.training")
     )
     assert not offending, "; ".join(offending)
+
+
+def test_every_module_has_a_layer_and_imports_only_its_own_or_lower_ones() -> None:
+    graph = import_graph()
+    unplaced = sorted(m for m in graph if m != "revgan_med" and layer_of(m) is None)
+    assert not unplaced, f"modules without a layer in LAYERS: {unplaced}"
+    upward = sorted(
+        f"{module} -> {target}"
+        for module, targets in graph.items()
+        for target in targets
+        if module != "revgan_med" and layer_of(target) < layer_of(module)
+    )
+    assert not upward, "imports of a higher layer: " + "; ".join(upward)
+
