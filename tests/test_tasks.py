@@ -84,3 +84,32 @@ def test_train_cli_refuses_a_config_that_contradicts_the_datalist_in_one_line(tm
     err = capsys.readouterr().err.strip()
     assert "task ct-kernel, data ct-sr" in err and str(datalist) in err and "\n" not in err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_evaluate_checkpoint_takes_task_window_and_factors_from_the_model(tmp_path, capsys):
+    import numpy as np
+
+    from revgan_med.checkpoints import save_checkpoint
+    from revgan_med.config import config_from_dict
+    from revgan_med.io import save_volume
+
+    config = config_from_dict({"task": "ct-kernel", "data": {"window": "ct-full"}})
+    spec = TaskSpec.from_config(config)
+    checkpoint = save_checkpoint(tmp_path / "model.pt", {"config": config.to_dict(), "spec": spec.to_dict()})
+    rng = np.random.default_rng(0)
+    reference = rng.uniform(-1500, 2000, (12, 12, 12)).astype(np.float32)
+    save_volume(reference, np.eye(4), tmp_path / "ref.nii.gz")
+    noisy = reference + rng.normal(0, 50, reference.shape).astype(np.float32)
+    save_volume(noisy, np.eye(4), tmp_path / "p.nii.gz")
+    files = {"--prediction": tmp_path / "p.nii.gz", "--reference": tmp_path / "ref.nii.gz"}
+    common = ["evaluate", *(str(v) for item in files.items() for v in item)]
+    outputs = {}
+    for name, extra in {
+        "checkpoint": ["--checkpoint", str(checkpoint)],
+        "typed": ["--task", "ct-kernel", "--window=-1024,3071"],
+        "default": [],
+    }.items():
+        assert main([*common, *extra, "--output", str(tmp_path / f"{name}.csv")]) == 0
+        outputs[name] = (tmp_path / f"{name}.csv").read_text()
+        assert ("window: -1024,3071" in capsys.readouterr().out) is (name != "default")
+    assert outputs["checkpoint"] == outputs["typed"] != outputs["default"]
