@@ -54,7 +54,7 @@ def parse_factors(value: str | Sequence[int]) -> tuple[int, int, int]:
     parts = value.split(",") if isinstance(value, str) else list(value)
     try:
         factors = tuple(int(p) for p in parts if not isinstance(p, bool) and float(p) == int(p))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         factors = ()
     if len(factors) != 3 or len(parts) != 3 or min(factors) < 1:
         raise ValueError(f"factors {value!r}: need three positive integers X,Y,Z")
@@ -137,10 +137,6 @@ class TaskSpec:
     @property
     def channels(self) -> int:
         return TASK_CHANNELS[self.task]
-
-    @property
-    def super_resolution(self) -> bool:
-        return any(f > 1 for f in self.factors)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON and ``weights_only`` checkpoints)."""

@@ -23,14 +23,14 @@ def test_factors_are_parsed_and_validated_in_one_place():
     assert parse_factors("2,2,4") == (2, 2, 4)
     assert parse_factors([1, 3, 1]) == (1, 3, 1)
     assert parse_factors((2.0, 2, 2)) == (2, 2, 2)
-    for bad in ("2,2", "0,1,1", "a,b,c", [2.5, 1, 1], [True, 1, 1], "1,1,1,1"):
+    for bad in ("2,2", "0,1,1", "a,b,c", [2.5, 1, 1], [True, 1, 1], "1,1,1,1", [float("inf"), 1, 1]):
         with pytest.raises(ValueError, match="three positive integers"):
             parse_factors(bad)
 
 
 def test_spec_normalises_task_facts_and_round_trips():
     kernel = TaskSpec.create("ct-kernel", window="nlst", factors=(2, 2, 4))
-    assert kernel.factors == (1, 1, 1) and kernel.window == WINDOWS["nlst"] and not kernel.super_resolution
+    assert kernel.factors == (1, 1, 1) and kernel.window == WINDOWS["nlst"]
     dmri = TaskSpec.create("dmri-sr", window="nlst", factors="2,2,2", upsample="nearest", patch_size=[24] * 3)
     assert dmri.window is None and dmri.channels == 6 and dmri.patch_size == (24, 24, 24)
     assert TaskSpec.create("ct-sr").window is None  # left open: the default applies where it is used
