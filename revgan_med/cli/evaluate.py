@@ -6,12 +6,15 @@ width); for dMRI (--task dmri-sr) there is no window and --mask adds RMSE in the
 interior (mask eroded by 5³). Baselines are computed from the same thick-slice input (--input):
 identity (nearest / unchanged), trilinear and tricubic centre-aligned upsampling to the HR grid.
 Prints per-case rows plus mean and std; --output writes them as CSV, --figure a PNG of coronal and
-axial slices. Exit 0 when every case was evaluated, 1 when some failed, 2 on usage errors.
+axial slices. With --checkpoint (the model that made the predictions) task, window and factors default
+to the ones it was trained with. Exit 0 when every case was evaluated, 1 when some failed, 2 on usage
+errors.
 
 Examples:
   revgan-med evaluate --prediction sr.nii.gz --reference hr.nii.gz --input thick.nii.gz \\
       --baseline trilinear,tricubic --figure sr.png
   revgan-med evaluate --prediction out/ --reference cases/hr/ --window nlst --output metrics.csv
+  revgan-med evaluate --checkpoint run/checkpoints/best.pt --prediction out/ --reference cases/hr/
   revgan-med evaluate --prediction dti_sr.nii.gz --reference dti.nii.gz --mask brain.nii.gz --task dmri-sr
   revgan-med evaluate --sensitivity run/checkpoints/best.pt --input smooth.nii.gz --reference sharp.nii.gz \\
       --prediction smooth_from_other_model.nii.gz --window nlst
