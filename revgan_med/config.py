@@ -16,9 +16,7 @@ from typing import Any, Union
 
 import yaml
 
-TASKS = ("ct-sr", "ct-kernel", "dmri-sr")
-# image channels per task: CT is one HU channel, dMRI the 6 free components of the diffusion tensor
-TASK_CHANNELS = {"ct-sr": 1, "ct-kernel": 1, "dmri-sr": 6}
+from revgan_med.tasks import DEFAULT_FACTORS, DEFAULT_WINDOW, TASKS, UPSAMPLE_MODES
 
 
 class ConfigError(ValueError):
@@ -29,18 +27,15 @@ def _choices(*values: str) -> dict[str, Any]:
     return {"choices": values}
 
 
-# how a thick-slice scan is mapped onto the HR grid (`revgan_med.data.degradation.upsample_to_hr`)
-UPSAMPLE_MODES = ("nearest", "trilinear", "tricubic")
-
 
 @dataclass
 class DataConfig:
     datalist: str = "datalist.json"
-    window: str | list[float] = "chest-1024"  # preset name or [min, max] in HU
+    window: str | list[float] = DEFAULT_WINDOW  # preset name or [min, max] in HU
     patch_size: list[int] = field(default_factory=lambda: [128, 128, 128])
     samples_per_volume: int = 4
     foreground_fraction: float = 0.01
-    factors: list[int] = field(default_factory=lambda: [2, 2, 4])  # super-resolution x, y, z
+    factors: list[int] = field(default_factory=lambda: list(DEFAULT_FACTORS))  # super-resolution x, y, z
     upsample: str = field(default="nearest", metadata=_choices(*UPSAMPLE_MODES))
     num_workers: int = 2
 
@@ -253,6 +248,6 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
 
 def save_config(config: Config, path: str | Path) -> None:
     """Write the fully resolved config as YAML (atomically)."""
-    from revgan_med.io.atomic import atomic_write_text
+    from revgan_med.io.atomic import atomic_write_text  # the CLI imports this module: `--help` stays light
 
     atomic_write_text(Path(path), yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -24,9 +24,22 @@ from typing import Any
 
 import numpy as np
 
+from revgan_med import __version__
+from revgan_med.config import load_config
+from revgan_med.data.degradation import thick_slice
+from revgan_med.data.phantom import make_phantom
+from revgan_med.data.preprocess import preprocess
+from revgan_med.evaluation import evaluate_volumes, write_csv
+from revgan_med.inference import load_model, resolve_device
+from revgan_med.inference_files import infer_path
+from revgan_med.io import save_volume
+from revgan_med.io.atomic import atomic_path, atomic_write_text
+from revgan_med.tasks import DEFAULT_FACTORS
+from revgan_med.training.loop import train
+
 SHAPE = (96, 96, 64)  # voxels (x, y, z); divisible by the factors, so the thick-slice round trip is exact
 SPACING = (1.0, 1.0, 1.0)  # mm
-FACTORS = (2, 2, 4)
+FACTORS = DEFAULT_FACTORS
 N_TRAIN = 4  # training + validation phantoms (preprocess keeps one for validation)
 BASELINES = ("trilinear", "tricubic")
 STAGES = ("phantoms", "preprocess", "train", "infer", "evaluate", "report")
@@ -84,9 +97,6 @@ def _stage(name: str, timings: dict[str, float]) -> Iterator[None]:
 
 def make_phantom_scans(folder: Path, *, seeds: Sequence[int]) -> list[Path]:
     """Write one phantom CT per seed as ``folder/phantom_<i>.nii.gz``; returns the paths."""
-    from revgan_med.data.phantom import make_phantom
-    from revgan_med.io import save_volume
-
     paths = []
     for i, seed in enumerate(seeds):
         hu, affine = make_phantom(SHAPE, SPACING, seed=int(seed))
@@ -96,10 +106,6 @@ def make_phantom_scans(folder: Path, *, seeds: Sequence[int]) -> list[Path]:
 
 def _held_out_case(folder: Path, *, seed: int) -> tuple[Path, Path]:
     """A phantom never seen in training → (thick-slice scan as acquired, HR reference)."""
-    from revgan_med.data.degradation import thick_slice
-    from revgan_med.data.phantom import make_phantom
-    from revgan_med.io import save_volume
-
     hu, affine = make_phantom(SHAPE, SPACING, seed=seed)
     thick, thick_affine = thick_slice(hu, affine, FACTORS)
     reference = save_volume(hu, affine, folder / "reference.nii.gz", description="phantom CT, HR reference")
@@ -110,9 +116,6 @@ def _held_out_case(folder: Path, *, seed: int) -> tuple[Path, Path]:
 
 def _train(datalist: Path, run_dir: Path, *, steps: int | None, device: str, seed: int) -> tuple[Path, Any]:
     """Train with the packaged demo config → (best checkpoint by validation PSNR, resolved `Config`)."""
-    from revgan_med.config import load_config
-    from revgan_med.training.loop import train
-
     overrides = [f"data.datalist={datalist.resolve()}", f"train.device={device}", f"train.seed={seed}"]
     if steps is not None:
         if steps < 1:
@@ -146,8 +149,6 @@ def loss_figure(metrics_csv: Path, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from revgan_med.io.atomic import atomic_path
 
     curves = read_metrics_csv(metrics_csv)
     losses = [k for k in curves if k != "lr" and not k.startswith("val_")]
@@ -215,8 +216,6 @@ def write_report(
     settings: dict[str, Any],
 ) -> Path:
     """Write ``report.md``: what was done, the metrics table, an honest verdict, timings, files."""
-    from revgan_med.io.atomic import atomic_write_text
-
     root = path.parent
 
     def rel(p: Path) -> str:
@@ -282,11 +281,6 @@ def run_demo(
     """
     import torch
 
-    from revgan_med import __version__
-    from revgan_med.data.preprocess import preprocess
-    from revgan_med.evaluation import evaluate_volumes, write_csv
-    from revgan_med.inference import infer_path, load_model, resolve_device
-
     out = Path(output_dir)
     _clear_previous_demo(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -314,9 +308,9 @@ def run_demo(
             prediction,
             reference,
             input=thick,
-            window="chest-1024",
+            window=model.intensity["window"],  # the checkpoint's own window and factors
             baselines=BASELINES,
-            factors=FACTORS,
+            factors=model.factors,
             figure=figures / "comparison.png",
         )
         if evaluation.failed:

@@ -10,6 +10,14 @@ from typing import Any
 import numpy as np
 from skimage.metrics import structural_similarity
 
+from revgan_med.data.degradation import upsample_to_hr
+from revgan_med.data.transforms import interior_mask, parse_window
+from revgan_med.figures import comparison_figure
+from revgan_med.io import discover_volumes, load_volume
+from revgan_med.io.atomic import atomic_write_text
+from revgan_med.io.checks import require_finite
+from revgan_med.tasks import DEFAULT_WINDOW
+
 # SSIM as Wang et al. 2004 and MONAI's SSIMMetric: Gaussian window σ = 1.5 (11 voxels), population covariance
 SSIM_SIGMA = 1.5
 
@@ -115,8 +123,6 @@ def baseline_volume(
 ) -> tuple[np.ndarray, np.ndarray]:
     """What one would do without the model: ``identity`` (nearest, the input unchanged on the HR
     grid), ``trilinear`` or ``tricubic`` (centre-aligned) upsampling of `lr` → (array, HR affine)."""
-    from revgan_med.data.degradation import upsample_to_hr
-
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; valid: {', '.join(BASELINES)}")
     mode = "nearest" if name == "identity" else name
@@ -142,8 +148,6 @@ def match_cases(
     mask: str | Path | None = None,
 ) -> tuple[list[Case], list[tuple[str, str]]]:
     """Pair files, or the scans of folders by case name → (cases, [(name, problem)] for unmatched)."""
-    from revgan_med.io import discover_volumes
-
     paths = {"prediction": prediction, "reference": reference, "input": input, "mask": mask}
     if not Path(prediction).is_dir():
         return [Case(Path(prediction).name.split(".")[0], **{k: v and Path(v) for k, v in paths.items()})], []
@@ -189,10 +193,6 @@ def evaluate_case(
     eroded by 5³ (§6.4). `factors` default: reference shape // input shape. Returns the rows (one
     per method), the volumes (clipped) for figures, and the reference affine.
     """
-    from revgan_med.data.transforms import interior_mask
-    from revgan_med.io import load_volume
-    from revgan_med.io.checks import require_finite
-
     reference, ref_affine = load_volume(case.reference)
     prediction, pred_affine = load_volume(case.prediction)
     require_finite(reference, case.reference)  # a NaN would turn every metric (and the mean) into nan
@@ -276,7 +276,7 @@ def evaluate_volumes(
     *,
     input: str | Path | None = None,
     mask: str | Path | None = None,
-    window: str | Sequence[float] | None = "chest-1024",
+    window: str | Sequence[float] | None = DEFAULT_WINDOW,
     baselines: Sequence[str] = (),
     factors: Sequence[int] | None = None,
     output: str | Path | None = None,
@@ -287,8 +287,6 @@ def evaluate_volumes(
     Writes `output` (CSV: per-case rows, then mean and std per method) and `figure` (PNG; for
     several cases one ``<stem>_<case>.png`` each) when given. `window` None for dMRI (no clipping).
     """
-    from revgan_med.data.transforms import parse_window
-
     lo_hi = None if window is None else parse_window(window)
     for name in baselines:
         if name not in BASELINES:
@@ -303,8 +301,6 @@ def evaluate_volumes(
             continue
         report.rows += rows
         if figure is not None:
-            from revgan_med.figures import comparison_figure
-
             path = Path(figure)
             if len(cases) > 1:
                 path = path.with_name(f"{path.name.split('.')[0]}_{case.name}.png")
@@ -319,8 +315,6 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
     """Rows (dicts) → CSV with the columns in first-seen order, written atomically."""
     import csv
     import io
-
-    from revgan_med.io.atomic import atomic_write_text
 
     columns = list(dict.fromkeys(k for row in rows for k in row))
     buffer = io.StringIO()

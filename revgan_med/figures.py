@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from revgan_med.io.atomic import atomic_path
+
 
 def _plane(volume: np.ndarray, axis: int) -> np.ndarray:
     """The middle slice across `axis` of (x, y, z[, c]) (first channel), oriented for imshow."""
@@ -29,8 +31,6 @@ def comparison_figure(
     reference's range), errors share one colour scale. Pixel aspect follows the voxel spacing.
     """
     from matplotlib.figure import Figure  # renders with Agg; no pyplot, no global backend switch
-
-    from revgan_med.io.atomic import atomic_path
 
     order = [k for k in ("input",) if k in volumes]
     order += [k for k in volumes if k not in ("input", "prediction", "reference")]

@@ -15,7 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from revgan_med.data.transforms import CTWindow, intensity_from_dict
 from revgan_med.evaluation import compute_metrics
+from revgan_med.inference import infer_volume, load_model
+from revgan_med.io import load_volume
+from revgan_med.tasks import evaluation_window
 
 __all__ = [
     "SENSITIVITY_COLUMNS",
@@ -125,13 +129,10 @@ def sensitivity_from_files(
 
     `source` is the model's input in `direction`, `reference` its paired ground truth and `perturbed`
     the perturbed input x + dx (the paper: the opposite-direction model's prediction of x). The model
-    runs as ``revgan-med infer`` does (`infer_volume`); CT volumes are compared in `window` (default the
-    checkpoint's own); CT only. Returns one row (`SENSITIVITY_COLUMNS`).
+    runs as ``revgan-med infer`` does (`infer_volume`); CT volumes are compared in `window` (default as
+    ``revgan-med evaluate --checkpoint``: the checkpoint's own, `evaluation_window`); CT only. Returns
+    one row (`SENSITIVITY_COLUMNS`).
     """
-    from revgan_med.data.transforms import CTWindow, intensity_from_dict, parse_window
-    from revgan_med.inference import infer_volume, load_model
-    from revgan_med.io import load_volume
-
     model = load_model(checkpoint, device=device)
     x, affine = load_volume(source)
     dx, _ = load_volume(perturbed)
@@ -143,7 +144,7 @@ def sensitivity_from_files(
     mapping = intensity_from_dict(model.intensity)
     if not isinstance(mapping, CTWindow):
         raise ValueError(f"{checkpoint}: the sensitivity analysis supports CT checkpoints only")
-    lo, hi = parse_window(window) if window else (mapping.lo, mapping.hi)
+    lo, hi = evaluation_window(model.task, window, (mapping.lo, mapping.hi))
 
     def clip(volume: np.ndarray) -> np.ndarray:
         return np.clip(np.asarray(volume, dtype=np.float64), lo, hi)

@@ -24,11 +24,11 @@ import pytest
 import torch
 from _training_data import AFFINE, tiny_config, write_kernel_datalist
 
+from revgan_med.checkpoints import load_checkpoint, save_checkpoint
 from revgan_med.cli import main
 from revgan_med.config import save_config
 from revgan_med.data.phantom import make_phantom
 from revgan_med.io import load_volume, save_dicom_series, save_volume
-from revgan_med.training.checkpoint import load_checkpoint, save_checkpoint
 from revgan_med.training.loop import train
 
 SHAPE = (16, 16, 16)

@@ -6,15 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from revgan_med.config import Config, config_from_dict
-from revgan_med.training.checkpoint import (
-    capture_rng_state,
+from revgan_med.checkpoints import (
     checkpoint_config,
     generator_from_checkpoint,
     load_checkpoint,
-    restore_rng_state,
     save_checkpoint,
 )
+from revgan_med.config import Config, config_from_dict
+from revgan_med.training.rng import capture_rng_state, restore_rng_state
 
 
 def _draws() -> tuple:

@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from revgan_med.config import TASK_CHANNELS, load_config
+from revgan_med.config import load_config
 from revgan_med.data.transforms import parse_window
 from revgan_med.networks import generator_names
+from revgan_med.tasks import TASK_CHANNELS
 from revgan_med.training.objectives import OBJECTIVES
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))

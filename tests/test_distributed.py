@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from _training_data import tiny_config, write_kernel_datalist
 
-from revgan_med.training.checkpoint import load_checkpoint
+from revgan_med.checkpoints import load_checkpoint
 from revgan_med.training.distributed import (
     DistributedContext,
     ResumableDistributedSampler,

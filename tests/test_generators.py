@@ -7,9 +7,12 @@ import torch
 from torch import nn
 
 from revgan_med.networks import ReversibleSequence, build_generator, generator_names, init_weights
-from revgan_med.networks.generators import Branch
+from revgan_med.networks.generators import GENERATORS, Branch
+from revgan_med.networks.linear import LinearPath
 
 NAMES = generator_names()
+# constructor options every registered generator takes; each test below runs with and without them
+OPTIONS = [{}, {"linear_kernel": [3, 3, 1]}]
 REVERSIBLE = [n for n in NAMES if isinstance(build_generator(n, in_channels=1, out_channels=1, width=4,
                                                              depth=1).core, ReversibleSequence)]
 
@@ -33,8 +36,9 @@ def test_registry_lists_the_thesis_models():
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("size", [(8, 8, 8), (7, 9, 5), (1, 3, 2)])
-def test_shapes_any_size(name, size):
-    model = build(name)
+@pytest.mark.parametrize("options", OPTIONS)
+def test_shapes_any_size(name, size, options):
+    model = build(name, **options)
     with torch.no_grad():
         assert model(torch.randn(2, 1, *size)).shape == (2, 2, *size)
         assert model.inverse(torch.randn(1, 2, *size)).shape == (1, 1, *size)
@@ -90,9 +94,10 @@ def test_baselines_have_separate_weights_per_direction():
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("direction", ["forward", "inverse"])
-def test_memory_saving_matches_plain(name, direction):
-    saving, plain = build(name, True, depth=3), build(name, False, depth=3)
-    init_weights(saving, zero_last=False)
+@pytest.mark.parametrize("options", OPTIONS)
+def test_memory_saving_matches_plain(name, direction, options):
+    saving, plain = build(name, True, depth=3, **options), build(name, False, depth=3, **options)
+    init_weights(saving, zero_last=False)  # the linear paths get random weights too
     plain.load_state_dict(saving.state_dict())
     x = torch.randn(1, 1 if direction == "forward" else 2, 7, 8, 6)
     out = []
@@ -129,6 +134,19 @@ def test_residual_generator_starts_as_identity_and_learns_a_correction(name):
         (gen(x) - (x + 0.5)).abs().mean().backward()
         opt.step()
     assert (gen(x) - x).abs().mean() > 1e-3
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_options_are_constructor_arguments_of_every_registered_factory(name):
+    model = GENERATORS.build(name, in_channels=1, out_channels=2, width=4, depth=1, residual=False,
+                             linear_kernel=[5, 3, 1])  # fmt: skip
+    assert isinstance(model.lin_y, LinearPath) and isinstance(model.lin_x, LinearPath)
+    assert model.lin_y.weight.shape == (2, 1, 5, 3, 1) and model.lin_x.weight.shape == (1, 2, 5, 3, 1)
+    plain = GENERATORS.build(name, in_channels=2, out_channels=2, width=4, depth=1, residual=True)
+    assert plain.residual and plain.lin_x is None and plain.lin_y is None
+    x = torch.randn(1, 2, 6, 6, 6)
+    with torch.no_grad():  # residual: the input plus the network's (here untrained, random) correction
+        torch.testing.assert_close(plain(x) - x, plain.dec_y(plain.core(plain.enc_x(x))))
 
 
 def test_residual_needs_matching_channels():

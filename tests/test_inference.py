@@ -10,15 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from revgan_med.checkpoints import Model
 from revgan_med.data.degradation import thick_slice
-from revgan_med.inference import (
-    Model,
-    consistency_summary,
-    infer_inputs,
-    infer_path,
-    infer_volume,
-    sliding_window_predict,
-)
+from revgan_med.inference import consistency_summary, infer_volume, sliding_window_predict
+from revgan_med.inference_files import infer_inputs, infer_path
 from revgan_med.io import load_volume, save_volume
 from revgan_med.sharding import parse_shard, shard_items
 
@@ -208,9 +203,9 @@ def test_shards_partition_the_sorted_list() -> None:
 
 @pytest.fixture
 def checkpoint(tmp_path: Path) -> Path:
+    from revgan_med.checkpoints import save_checkpoint
     from revgan_med.config import config_from_dict
     from revgan_med.networks import build_generator
-    from revgan_med.training.checkpoint import save_checkpoint
 
     config = config_from_dict(
         {

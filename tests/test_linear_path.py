@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from _training_data import tiny_config, write_kernel_datalist
 
+from revgan_med.checkpoints import load_checkpoint
 from revgan_med.config import ConfigError, LossConfig
 from revgan_med.networks import build_generator
-from revgan_med.networks.generators import DomainGate, LinearPath
-from revgan_med.training.checkpoint import load_checkpoint
+from revgan_med.networks.linear import DomainGate, LinearPath
 from revgan_med.training.loop import build_training_objective, train
 from revgan_med.training.objectives import build_objective
 

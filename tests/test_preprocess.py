@@ -165,7 +165,9 @@ def test_kernel_pairs_layout_csv_and_simulation(tmp_path):
     np.testing.assert_allclose(
         nib.load(out / "good" / "target.nii.gz").get_fdata(), np.round(sharp), atol=0.51
     )
-    assert json.loads((out / "datalist.json").read_text())["window"] == [-900.0, 400.0]
+    spec = json.loads((out / "datalist.json").read_text())["spec"]  # the data facts train checks
+    assert spec == {"task": "ct-kernel", "channels": 1, "window": [-900.0, 400.0], "factors": [1, 1, 1],
+                    "upsample": None, "patch_size": None}  # fmt: skip
 
     csv_path = tmp_path / "pairs.csv"
     csv_path.write_text("case,source,target\nc1,pairs/good/source.nii.gz,pairs/good/target\n")

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from _training_data import tiny_config, write_kernel_datalist
 
+from revgan_med.checkpoints import load_checkpoint
 from revgan_med.config import load_config
 from revgan_med.data.misalign import misalign_pair, misalignment_ranges
-from revgan_med.training.checkpoint import load_checkpoint
 from revgan_med.training.distributed import init_distributed
 from revgan_med.training.loop import build_training_objective, train, train_step
 
@@ -147,9 +147,9 @@ def test_benchmark_residual_generators_start_as_the_identity(
     """With lr 0 the models stay untrained: a residual generator returns its input, a plain one does not."""
     import json
 
+    from reggan import main
     from scipy.ndimage import gaussian_filter
 
-    from revgan_med.cli import main
     from revgan_med.io import save_volume
 
     rng = np.random.default_rng(0)
@@ -157,7 +157,7 @@ def test_benchmark_residual_generators_start_as_the_identity(
     scan = save_volume(hu.astype(np.float32), np.eye(4), tmp_path / "scan.nii.gz")
     out = tmp_path / "reggan.json"
     flag = "--residual" if residual else "--no-residual"
-    args = ["benchmark", "reggan", "--scan", str(scan), "--levels", "2", "--steps", "2", "--patch", "24",
+    args = ["--scan", str(scan), "--levels", "2", "--steps", "2", "--patch", "24",
             "--width", "4", "--lr", "0", "--objectives", objectives, "--task", task, "--device", "cpu", flag,
             "--json", str(out)]  # fmt: skip
     assert main(args) == 0

@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 from _training_data import tiny_config, write_kernel_datalist
 
+from revgan_med.checkpoints import generator_from_checkpoint, load_checkpoint
 from revgan_med.config import load_config
 from revgan_med.networks import build_generator, init_weights
+from revgan_med.networks.selfinverse import SelfInverseGenerator
 from revgan_med.sensitivity import gaussian_perturbation, output_sensitivity, sensitivity_analysis
-from revgan_med.training.checkpoint import generator_from_checkpoint, load_checkpoint
 from revgan_med.training.distributed import init_distributed
 from revgan_med.training.loop import build_training_objective, train, train_step
-from revgan_med.training.objectives_registration import SelfInverseGenerator
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -201,8 +201,8 @@ def test_benchmark_residual_generators_start_as_the_identity(tmp_path, residual:
     import json
 
     from scipy.ndimage import gaussian_filter
+    from selfinverse import main
 
-    from revgan_med.cli import main
     from revgan_med.io.dicom import save_dicom_series
 
     rng = np.random.default_rng(0)
@@ -212,7 +212,7 @@ def test_benchmark_residual_generators_start_as_the_identity(tmp_path, residual:
         save_dicom_series(np.round(hu), np.eye(4), tmp_path / "pair" / kernel, series_description=kernel)
     out = tmp_path / "selfinverse.json"
     flag = "--residual" if residual else "--no-residual"
-    args = ["benchmark", "selfinverse", "--pair", str(tmp_path / "pair"), "--steps", "2", "--width", "4",
+    args = ["--pair", str(tmp_path / "pair"), "--steps", "2", "--width", "4",
             "--lr", "0", "--linear-kernel", "none", "--device", "cpu", flag, "--json", str(out)]  # fmt: skip
     assert main(args) == 0
     result = json.loads(out.read_text())

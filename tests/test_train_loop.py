@@ -12,14 +12,15 @@ import pytest
 import torch
 from _training_data import tiny_config, write_kernel_datalist
 
-from revgan_med.cli import main
-from revgan_med.config import save_config
-from revgan_med.training.checkpoint import (
+from revgan_med.checkpoints import (
     build_generator_from_config,
     checkpoint_config,
     generator_from_checkpoint,
     load_checkpoint,
 )
+from revgan_med.cli import main
+from revgan_med.config import save_config
+from revgan_med.inference import load_model
 from revgan_med.training.loop import lr_factor, train
 
 
@@ -108,6 +109,12 @@ def test_training_writes_the_run_folder_and_self_describing_checkpoints(datalist
     payload = torch.load(last, weights_only=True)
     assert payload["step"] == 6 and payload["task"] == "ct-kernel"
     assert payload["intensity"] == {"kind": "ct-window", "window": [-900.0, 400.0]}
+    # the spec is normalised: a kernel model resamples nothing, whatever data.factors says
+    assert payload["spec"] == {
+        "task": "ct-kernel", "channels": 1, "window": [-900.0, 400.0], "factors": [1, 1, 1],
+        "upsample": "nearest", "patch_size": [24, 24, 24],
+    }  # fmt: skip
+    assert load_model(last, device="cpu").factors == (1, 1, 1)
     assert list(payload["models"]) == ["generator"]
     best = load_checkpoint(run / "checkpoints" / "best.pt")
     assert best["best_metric"]["value"] == pytest.approx(

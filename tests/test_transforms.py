@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from revgan_med.data.transforms import (
-    WINDOWS,
     CTWindow,
     DTIScale,
     IntensityMapd,
@@ -15,6 +14,7 @@ from revgan_med.data.transforms import (
     interior_mask,
     parse_window,
 )
+from revgan_med.tasks import WINDOWS
 
 
 def test_parse_window_accepts_presets_strings_and_lists():

@@ -6,13 +6,15 @@ width); for dMRI (--task dmri-sr) there is no window and --mask adds RMSE in the
 interior (mask eroded by 5³). Baselines are computed from the same thick-slice input (--input):
 identity (nearest / unchanged), trilinear and tricubic centre-aligned upsampling to the HR grid.
 Prints per-case rows plus mean and std; --output writes them as CSV, --figure a PNG of coronal and
-axial slices. A case whose volumes hold NaN/Inf voxels fails (the mean covers the valid cases).
-Exit 0 when every case was evaluated, 1 when some failed, 2 on usage errors.
+axial slices. With --checkpoint (the model that made the predictions) task, window and factors default
+to the ones it was trained with. A case whose volumes hold NaN/Inf voxels fails (the mean covers the
+valid cases). Exit 0 when every case was evaluated, 1 when some failed, 2 on usage errors.
 
 Examples:
   revgan-med evaluate --prediction sr.nii.gz --reference hr.nii.gz --input thick.nii.gz \\
       --baseline trilinear,tricubic --figure sr.png
   revgan-med evaluate --prediction out/ --reference cases/hr/ --window nlst --output metrics.csv
+  revgan-med evaluate --checkpoint run/checkpoints/best.pt --prediction out/ --reference cases/hr/
   revgan-med evaluate --prediction dti_sr.nii.gz --reference dti.nii.gz --mask brain.nii.gz --task dmri-sr
   revgan-med evaluate --sensitivity run/checkpoints/best.pt --input smooth.nii.gz --reference sharp.nii.gz \\
       --prediction smooth_from_other_model.nii.gz --window nlst
@@ -21,6 +23,8 @@ Examples:
 from __future__ import annotations
 
 import argparse
+
+from revgan_med.tasks import DEFAULT_WINDOW, TASKS
 
 HELP = "metrics (MAE/PSNR/SSIM, masked RMSE) vs references and interpolation baselines"
 ORDER = 40
@@ -34,18 +38,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", help="the model's input (thick-slice scan), for baselines and figures")
     parser.add_argument("--mask", help="mask volume (or folder): metrics inside it, plus interior RMSE")
     parser.add_argument(
-        "--window", help="NAME or MIN,MAX in HU (default: chest-1024 for CT, none for dmri-sr)"
+        "--window",
+        help=f"NAME or MIN,MAX in HU (default: the --checkpoint's window, else {DEFAULT_WINDOW} for CT, "
+        "none for dmri-sr)",
     )
+    parser.add_argument(
+        "--checkpoint", metavar="CKPT",
+        help="the model that made the predictions: task, window and factors default to its own",
+    )  # fmt: skip
     parser.add_argument(
         "--baseline", default="", help="comma list of identity,trilinear,tricubic (needs --input)"
     )
     parser.add_argument("--output", help="CSV file for per-case rows plus mean and std")
     parser.add_argument("--figure", help="PNG of coronal and axial slices (one per case for folders)")
+    parser.add_argument("--task", choices=TASKS, help="default: the --checkpoint's task, else ct-sr")
     parser.add_argument(
-        "--task", default="ct-sr", choices=("ct-sr", "ct-kernel", "dmri-sr"), help="default: ct-sr"
-    )
-    parser.add_argument(
-        "--factors", help="X,Y,Z super-resolution factors (default: reference shape // input shape)"
+        "--factors",
+        help="X,Y,Z super-resolution factors (default: the --checkpoint's, else reference shape // "
+        "input shape)",
     )
     parser.add_argument(
         "--sensitivity", metavar="CKPT",
@@ -60,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from revgan_med.config import ConfigError
+    from revgan_med.tasks import evaluation_window, parse_factors
 
     if args.sensitivity:
         return _sensitivity(args)
@@ -69,15 +80,24 @@ def run(args: argparse.Namespace) -> int:
     factors = None
     if args.factors:  # checked before the heavy imports below
         try:
-            factors = [int(f) for f in args.factors.split(",")]
-        except ValueError:
-            factors = []
-        if len(factors) != 3 or min(factors) < 1:
-            raise ConfigError(f"--factors {args.factors!r}: expected three positive integers X,Y,Z")
+            factors = parse_factors(args.factors)
+        except ValueError as exc:
+            raise ConfigError(f"--factors: {exc}") from None
+    spec = None
+    if args.checkpoint:
+        from revgan_med.checkpoints import checkpoint_spec, load_checkpoint
+
+        spec = checkpoint_spec(load_checkpoint(args.checkpoint))
+    task = args.task or (spec.task if spec else "ct-sr")
+    if factors is None and spec is not None:
+        factors = spec.factors
+    try:
+        window = evaluation_window(task, args.window, spec.window if spec else None)
+    except ValueError as exc:
+        raise ConfigError(f"--window: {exc}") from None
 
     from revgan_med.evaluation import evaluate_volumes, format_table
 
-    window = args.window or (None if args.task == "dmri-sr" else "chest-1024")
     report = evaluate_volumes(
         args.prediction,
         args.reference,
@@ -90,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         figure=args.figure,
     )
     if report.rows:
-        print(f"window: {window or 'none'}")
+        print(f"window: {'none' if window is None else '{:g},{:g}'.format(*window)}")
         print(format_table(report.rows + report.summary))
     for name, message in report.failed:
         print(f"FAILED {name}: {message}", file=sys.stderr)

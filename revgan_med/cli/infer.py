@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
         if path is not None:
             check_output_location(path)  # before seconds of imports and minutes of inference
 
-    from revgan_med.inference import infer_inputs, load_model
+    from revgan_med.inference import load_model
+    from revgan_med.inference_files import infer_inputs
 
     model = load_model(args.checkpoint, device=args.device)
     report = infer_inputs(

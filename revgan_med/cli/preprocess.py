@@ -31,29 +31,32 @@ from __future__ import annotations
 
 import argparse
 
+from revgan_med.tasks import DEFAULT_FACTORS, DEFAULT_WINDOW, TASKS, WINDOWS, parse_factors
+
 HELP = "make per-case training pairs, datalist.json and report.csv from a folder of scans"
 ORDER = 10
 
 
 def _factors(text: str) -> list[int]:
     try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if len(values) != 3 or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected three positive integers X,Y,Z")
-    return values
+        return list(parse_factors(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input_dir", metavar="INPUT_DIR", help="folder of NIfTI files / DICOM series")
     parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="where cases, datalist.json, report.csv go")
-    parser.add_argument("--task", required=True, choices=("ct-sr", "ct-kernel", "dmri-sr"))
+    parser.add_argument("--task", required=True, choices=TASKS)
     parser.add_argument(
-        "--window", default="chest-1024", help="HU window: chest-1024, nlst, ct-full or MIN,MAX"
+        "--window",
+        help=f"HU window the model will use: {', '.join(WINDOWS)} or MIN,MAX; recorded in the datalist "
+        f"and checked by train (default: open, the config decides; {DEFAULT_WINDOW} when it does not)",
     )
+    factors = ",".join(map(str, DEFAULT_FACTORS))
     parser.add_argument(
-        "--factors", type=_factors, default=[2, 2, 4], help="X,Y,Z degradation (default 2,2,4)"
+        "--factors", type=_factors, default=list(DEFAULT_FACTORS),
+        help=f"X,Y,Z degradation (default {factors})",
     )
     parser.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
     parser.add_argument("--overwrite", action="store_true", help="redo cases that are already done")

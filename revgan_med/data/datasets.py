@@ -26,9 +26,10 @@ from revgan_med.data.transforms import (
     WindowSpec,
     intensity_for_task,
 )
+from revgan_med.io import load_volume
+from revgan_med.tasks import SR_TASKS
 
 IntensityOrWindow = IntensityMapping | WindowSpec
-SR_TASKS = ("ct-sr", "dmri-sr")
 GRID_TOLERANCE_MM = 1e-3
 
 
@@ -78,8 +79,6 @@ def load_case(
     mask of the target: body > −500 HU for CT, the brain mask for dMRI), ``image_mask`` (the same
     for the input), ``mapping`` (fitted for dMRI: scales of this input) and ``name``.
     """
-    from revgan_med.io import load_volume
-
     image, image_affine = load_volume(case["image"])
     target, affine = load_volume(case["target"])
     if task in SR_TASKS:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from revgan_med.config import UPSAMPLE_MODES
+from revgan_med.tasks import DEFAULT_FACTORS, UPSAMPLE_MODES, parse_factors
 
 SIMULATED_KERNEL_NOTE = (
     "SIMULATED kernel pair (Gaussian MTF + FBP-shaped noise), not a scanner reconstruction"
@@ -25,10 +25,7 @@ SIMULATED_KERNEL_NOTE = (
 
 
 def _factors(factors: Sequence[int]) -> np.ndarray:
-    f = np.asarray(factors, dtype=int)
-    if f.shape != (3,) or (f < 1).any():
-        raise ValueError(f"factors {list(factors)!r}: need three positive integers (x, y, z)")
-    return f
+    return np.asarray(parse_factors(factors), dtype=int)
 
 
 def block_matrix(factors: Sequence[int]) -> np.ndarray:
@@ -40,7 +37,7 @@ def block_matrix(factors: Sequence[int]) -> np.ndarray:
 
 
 def thick_slice(
-    array: np.ndarray, affine: np.ndarray, factors: Sequence[int] = (2, 2, 4)
+    array: np.ndarray, affine: np.ndarray, factors: Sequence[int] = DEFAULT_FACTORS
 ) -> tuple[np.ndarray, np.ndarray]:
     """Average `factors` consecutive voxels per axis → (LR array, LR affine); remainders are dropped."""
     f = _factors(factors)
@@ -82,7 +79,7 @@ def _cubic_weights(m: int, n: int, f: int) -> np.ndarray:
 def upsample_to_hr(
     lr_array: np.ndarray,
     lr_affine: np.ndarray,
-    factors: Sequence[int] = (2, 2, 4),
+    factors: Sequence[int] = DEFAULT_FACTORS,
     mode: str = "nearest",
     hr_shape: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from revgan_med.config import TASKS, ConfigError
+from revgan_med.config import ConfigError
 from revgan_med.data.degradation import SIMULATED_KERNEL_NOTE, simulate_kernel_pair, thick_slice
-from revgan_med.data.transforms import WindowSpec, brain_mask, fit_dti, parse_window
+from revgan_med.data.transforms import brain_mask, fit_dti
 from revgan_med.io import atomic_write_text, discover_volumes, is_nifti, load_volume, save_volume
 from revgan_med.io.atomic import remove_stale_temps
 from revgan_med.io.checks import (
@@ -36,8 +36,9 @@ from revgan_med.io.checks import (
     require_inside,
     safe_component,
 )
-from revgan_med.io.volumes import one_line
+from revgan_med.io.formats import one_line
 from revgan_med.sharding import shard_items
+from revgan_med.tasks import DEFAULT_FACTORS, TASKS, TaskSpec, WindowSpec, parse_factors
 
 GRID_ATOL_MM = 1e-2  # source/target grids of a kernel pair must agree to 0.01 mm
 REPORT_FIELDS = ("case", "source", "status", "message")
@@ -324,17 +325,16 @@ def _check_usage(input_dir: Path, output_dir: Path, task: str, factors: Sequence
         raise ConfigError(f"{output_dir}: exists and is not a folder")
     try:
         check_output_location(output_dir)
+        parsed = parse_factors(factors)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if len(factors) != 3 or any(int(f) != f or f < 1 for f in factors):
-        raise ConfigError(f"factors {list(factors)!r}: need three positive integers X,Y,Z")
     if workers < 1:
         raise ConfigError(f"workers {workers}: need at least 1")
     if (simulate_kernel or pairs_csv is not None) and task != "ct-kernel":
         raise ConfigError("--simulate-kernel and --pairs apply to --task ct-kernel only")
     if pairs_csv is not None and not pairs_csv.is_file():
         raise ConfigError(f"{pairs_csv}: pairs CSV not found")
-    return tuple(int(f) for f in factors)
+    return parsed
 
 
 def preprocess(
@@ -342,8 +342,8 @@ def preprocess(
     output_dir: str | Path,
     *,
     task: str,
-    window: WindowSpec = "chest-1024",
-    factors: Sequence[int] = (2, 2, 4),
+    window: WindowSpec | None = None,
+    factors: Sequence[int] = DEFAULT_FACTORS,
     workers: int = 1,
     overwrite: bool = False,
     pairs_csv: str | Path | None = None,
@@ -356,9 +356,11 @@ def preprocess(
     """Preprocess every case under `input_dir` into `output_dir` (see the module docstring).
 
     Usage errors (missing or empty folder, bad task/window/factors) raise `ConfigError`; failures of
-    single cases are rows with status "failed" in the report. `window` is recorded in the datalist.
-    `shard` (i, n) makes only the i-th of n slices of the cases (sorted by name) and writes
-    ``report.shard<i>of<n>.csv``; the datalist lists every finished case.
+    single cases are rows with status "failed" in the report. The datalist records the experiment spec
+    (`revgan_med.tasks.TaskSpec`: task, channels, `window` — None: the task's default — and factors),
+    which `train` checks its config against. `shard` (i, n) makes only the i-th of n slices of the
+    cases (sorted by name) and writes ``report.shard<i>of<n>.csv``; the datalist lists every finished
+    case.
     """
     from tqdm import tqdm
 
@@ -366,7 +368,7 @@ def preprocess(
     pairs = Path(pairs_csv) if pairs_csv is not None else None
     f = _check_usage(input_dir, output_dir, task, factors, workers, simulate_kernel, pairs)
     try:
-        lo, hi = parse_window(window)
+        spec = TaskSpec.create(task, window=window, factors=f)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     settings = Settings(task, f, simulate_kernel)
@@ -397,7 +399,7 @@ def preprocess(
     bar.close()
     others = [j for j in every if j not in jobs]
     rows.sort(key=lambda r: r.case)
-    meta = {"task": task, "factors": list(f), "window": [lo, hi], "simulated_kernel": simulate_kernel}
+    meta = {"spec": spec.to_dict(), "simulated_kernel": simulate_kernel}
     report = output_dir / ("report.csv" if shard[1] == 1 else f"report.shard{shard[0]}of{shard[1]}.csv")
     extra = _done_elsewhere(others, settings, output_dir)
     _write_outputs(rows, extra, output_dir, meta, val_fraction, seed, report)

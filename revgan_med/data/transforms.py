@@ -16,29 +16,7 @@ from typing import Any
 import numpy as np
 from monai.transforms import InvertibleTransform, MapTransform, ScaleIntensityRange
 
-# ct-full: the 12-bit scanner range, nothing clipped (kernel conversion must see the lung texture
-# below -900 HU and bone above 400 HU that a display window would flatten)
-WINDOWS = {"chest-1024": (-1150.0, 350.0), "nlst": (-900.0, 400.0), "ct-full": (-1024.0, 3071.0)}
-WindowSpec = str | Sequence[float]
-
-
-def parse_window(value: WindowSpec) -> tuple[float, float]:
-    """A preset name (`WINDOWS`), a "MIN,MAX" string or a [min, max] list → (lo, hi) in HU."""
-    if isinstance(value, str):
-        if value in WINDOWS:
-            return WINDOWS[value]
-        parts = value.split(",")
-    else:
-        parts = list(value) if isinstance(value, (list, tuple)) else []
-    try:
-        lo, hi = (float(p) for p in parts)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"window {value!r}: expected one of {', '.join(WINDOWS)}, 'MIN,MAX' or [min, max]"
-        ) from None
-    if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
-        raise ValueError(f"window {value!r}: need finite MIN < MAX")
-    return lo, hi
+from revgan_med.tasks import DEFAULT_WINDOW, WindowSpec, parse_window
 
 
 class CTWindow:
@@ -135,10 +113,11 @@ def intensity_from_dict(d: Mapping[str, Any]) -> IntensityMapping:
     raise ValueError(f"unknown intensity mapping kind {kind!r}; valid: {CTWindow.kind}, {DTIScale.kind}")
 
 
-def intensity_for_task(task: str, window: WindowSpec) -> IntensityMapping:
-    """The mapping a task trains with: the CT window for ct-sr/ct-kernel, an unfitted DTIScale for dmri-sr."""
+def intensity_for_task(task: str, window: WindowSpec | None = None) -> IntensityMapping:
+    """The mapping a task trains with: the CT window (None: the default) for ct-sr/ct-kernel, an
+    unfitted DTIScale for dmri-sr."""
     if task in ("ct-sr", "ct-kernel"):
-        return CTWindow(*parse_window(window))
+        return CTWindow(*parse_window(DEFAULT_WINDOW if window is None else window))
     if task == "dmri-sr":
         return DTIScale()
     raise ValueError(f"unknown task {task!r}; valid: ct-sr, ct-kernel, dmri-sr")

@@ -26,7 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
 from revgan_med import __version__
-from revgan_med.io.volumes import VolumeError, one_line
+from revgan_med.io.formats import VolumeError, is_nifti, one_line
 
 # header tags read by discovery, series selection and the writer (pixels are never read for these)
 HEADER_TAGS = [
@@ -367,8 +367,6 @@ def check_new_series_folder(out_dir: Path) -> None:
 
 def _source_refs(source: Path, series_uid: str | None) -> list[Dataset] | None:
     """Headers of the source series (None when `source` is not DICOM, e.g. a NIfTI file)."""
-    from revgan_med.io.volumes import is_nifti
-
     if is_nifti(source) or not (source.is_dir() or looks_like_dicom(source)):
         return None
     return list(select_series(source, series_uid).headers)

@@ -15,13 +15,10 @@ import nibabel as nib
 import numpy as np
 
 from revgan_med.io.atomic import atomic_path
+from revgan_med.io.dicom import load_dicom, looks_like_dicom, scan_folder
+from revgan_med.io.formats import VolumeError, is_nifti, one_line
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NIFTI_SUFFIX = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
-
-
-class VolumeError(ValueError):
-    """A file or folder that cannot be read as a volume; the message names it and the problem."""
 
 
 @dataclass(frozen=True)
@@ -37,10 +34,6 @@ class VolumeRef:
         return load_volume(self.path, series_uid=self.series_uid)
 
 
-def is_nifti(path: str | Path) -> bool:
-    return str(path).lower().endswith(NIFTI_SUFFIXES)
-
-
 def load_volume(path: str | Path, series_uid: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Load a volume as (float32 array (x, y, z[, c]), 4×4 voxel → RAS+ mm affine).
 
@@ -48,8 +41,6 @@ def load_volume(path: str | Path, series_uid: str | None = None) -> tuple[np.nda
     when the folder holds several) or a single DICOM file (e.g. enhanced multi-frame). DICOM values
     have RescaleSlope/Intercept applied (HU for CT). Every failure is a `VolumeError` naming `path`.
     """
-    from revgan_med.io.dicom import load_dicom, looks_like_dicom  # dicom.py imports VolumeError from here
-
     path = Path(path)
     if not path.exists():
         raise VolumeError(f"{path}: no such file or folder")
@@ -79,11 +70,6 @@ def _load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if data.ndim not in (3, 4):
         raise VolumeError(f"{path}: {data.ndim}D NIfTI of shape {data.shape}; expected 3D or 4D")
     return data, np.asarray(img.affine, dtype=np.float64)
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception as one line (its type name when it has no message)."""
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def available_memory() -> int | None:
@@ -137,8 +123,6 @@ def discover_volumes(root: str | Path) -> list[VolumeRef]:
     look like DICOM but cannot be parsed yield a ref of their own (loading it raises), so callers can
     report them; other files, hidden entries and empty folders are ignored.
     """
-    from revgan_med.io.dicom import looks_like_dicom, scan_folder
-
     root = Path(root)
     if not root.is_dir():
         raise VolumeError(f"{root}: not a folder")

@@ -19,6 +19,7 @@ from monai.networks.utils import normal_init
 from torch import Tensor, nn
 
 from revgan_med.networks.coupling import AdditiveCoupling, ReversibleSequence
+from revgan_med.networks.linear import LinearPath
 from revgan_med.registry import Registry
 
 GENERATORS = Registry("generator")
@@ -60,12 +61,8 @@ def build_generator(
                          f"got {in_channels} and {out_channels}")
     model = GENERATORS.build(
         name, in_channels=in_channels, out_channels=out_channels, width=width, depth=depth,
-        memory_saving=memory_saving,
+        memory_saving=memory_saving, residual=residual, linear_kernel=linear_kernel,
     )
-    model.residual = residual
-    if linear_kernel is not None:
-        model.lin_y = LinearPath(in_channels, out_channels, linear_kernel)
-        model.lin_x = LinearPath(out_channels, in_channels, linear_kernel)
     init_weights(model)
     if residual:
         for dec in (model.dec_x, model.dec_y):
@@ -75,125 +72,6 @@ def build_generator(
     for path in (model.lin_x, model.lin_y) if linear_kernel is not None else ():
         path.reset_parameters()
     return model
-
-
-class LinearPath(nn.Conv3d):
-    """A learned linear filter from a generator's input to its output, zero until trained or `solve`d.
-
-    Replicate padding, so any volume size works. `solve` sets it by least squares at once: the best
-    filter between a smooth and a sharp kernel has a centre weight near 9, which Adam at lr 1e-3 would
-    need some ten thousand steps to reach.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel: Sequence[int]) -> None:
-        kernel = tuple(kernel)
-        if len(kernel) != 3 or any(not isinstance(k, int) or k < 1 or k % 2 == 0 for k in kernel):
-            raise ValueError(f"linear_kernel must be three odd positive integers, got {list(kernel)}")
-        super().__init__(in_channels, out_channels, kernel, padding=tuple(k // 2 for k in kernel),
-                         padding_mode="replicate")  # fmt: skip
-
-    def reset_parameters(self) -> None:
-        nn.init.zeros_(self.weight)
-        nn.init.zeros_(self.bias)
-
-    @torch.no_grad()
-    def normal_equations(
-        self, source: Tensor, target: Tensor, chunk: int = 1 << 16
-    ) -> tuple[Tensor, Tensor]:
-        """``(AᵀA, AᵀT)`` in float64 for inputs ``(B, in_channels, …)`` and targets ``(B, out_channels, …)``.
-
-        A's rows are each voxel's neighbourhood (in the weights' order) and a 1, T's rows its target; sums
-        over pairs are the normal equations of all of them. Only voxels whose whole neighbourhood lies
-        inside the input count (padded borders of small patches would bias the fit). Built a few slices
-        at a time to bound memory.
-        """
-        (kd, kh, kw), (pd, ph, pw) = self.kernel_size, self.padding
-        if any(n < k for n, k in zip(source.shape[2:], self.kernel_size, strict=True)):
-            raise ValueError(
-                f"linear path {list(self.kernel_size)}: input {list(source.shape[2:])} is smaller than it"
-            )
-        target = target[:, :, pd : target.shape[2] - pd, ph : target.shape[3] - ph, pw : target.shape[4] - pw]
-        target = target.movedim(1, -1)
-        depth = target.shape[1]
-        step = max(1, chunk // target.shape[2:4].numel())
-        gram = cross = 0
-        for start in range(0, depth, step):
-            stop = min(depth, start + step)
-            cols = source[:, :, start : stop + kd - 1].unfold(2, kd, 1).unfold(3, kh, 1).unfold(4, kw, 1)
-            cols = cols.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(-1, self.weight[0].numel()).double()
-            a = torch.cat([cols, cols.new_ones(cols.shape[0], 1)], dim=1)
-            gram = gram + a.T @ a
-            cross = cross + a.T @ target[:, start:stop].reshape(-1, self.out_channels).double()
-        return gram, cross
-
-    @torch.no_grad()
-    def solve(self, gram: Tensor, cross: Tensor, ridge: float = 1e-6) -> None:
-        """Set weights and bias to the least-squares solution of summed `normal_equations`.
-
-        A small ridge relative to the mean diagonal keeps flat (e.g. all-air) data solvable.
-        """
-        eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
-        solution = torch.linalg.solve(gram + ridge * gram.diagonal().mean() * eye, cross)
-        self.weight.copy_(solution[:-1].T.reshape(self.weight.shape))
-        self.bias.copy_(solution[-1])
-
-
-class DomainGate(nn.Module):
-    """Which domain each window ``(B, C, …)`` comes from, X (True) or Y, by its texture → ``(B, 1, 1, 1, 1)``.
-
-    A self-inverse generator applies ONE function to both kernels, so it must tell a smooth input
-    (to sharpen) from a sharp one (to smooth) before choosing its linear path; applying the wrong one
-    amplifies noise or blurs twice. Per voxel the evidence is weak (anatomy changes the spectrum more
-    than the kernel does), over a whole window it is not. The features are the log mean energies e0,
-    e1, e2 of three difference-of-box bands (box sides 3, 5, 9 along the axes the linear paths filter,
-    all three for a 1×1×1 path) as ``[e0 − e1, e1 − e2, e0, 1]`` (e0 lets the threshold on the ratios
-    move with the signal: air and body differ more than the kernels do); the decision is linear in them,
-    `fit` by logistic regression. Its weights are a buffer: fitted, not trained (a hard decision has no
-    gradient). MONAI has no texture-domain classifier.
-    """
-
-    BOXES = (3, 5, 9)
-
-    def __init__(self, kernel: Sequence[int]) -> None:
-        super().__init__()
-        filtered = tuple(int(k) > 1 for k in kernel)
-        self.axes = filtered if any(filtered) else (True,) * 3
-        self.register_buffer("weight", torch.zeros(4))
-
-    def features(self, v: Tensor) -> Tensor:
-        """``(B, 4)`` texture features of the windows ``(B, C, X, Y, Z)``."""
-        smooth, bands = v.float(), []
-        for side in self.BOXES:
-            size = [side if on else 1 for on in self.axes]
-            pad = [p for k in reversed(size) for p in (k // 2, k // 2)]
-            coarser = F.avg_pool3d(F.pad(smooth, pad, mode="replicate"), size, stride=1)
-            bands.append(torch.log((smooth - coarser).square().mean(dim=(1, 2, 3, 4)) + 1e-12))
-            smooth = coarser
-        e0, e1, e2 = bands
-        return torch.stack([e0 - e1, e1 - e2, e0, torch.ones_like(e0)], dim=1)
-
-    def forward(self, v: Tensor) -> Tensor:
-        return (self.features(v) @ self.weight > 0).view(-1, 1, 1, 1, 1)
-
-    @torch.no_grad()
-    def fit(
-        self, x_features: Tensor, y_features: Tensor, *, ridge: float = 1e-3, iterations: int = 50
-    ) -> None:
-        """Logistic regression (Newton steps, small ridge: the classes are usually separable) of the
-        `features` of windows of domain X against those of domain Y.
-
-        Least squares would do with sums alone, but it is pulled by far-from-the-boundary windows (air
-        outside the body has its own texture) and then misjudged one window in fifteen on the B/L pair.
-        """
-        a = torch.cat([x_features, y_features]).double()
-        label = torch.cat([a.new_ones(len(x_features)), a.new_zeros(len(y_features))])
-        w = a.new_zeros(a.shape[1])
-        eye = torch.eye(a.shape[1], dtype=a.dtype, device=a.device)
-        for _ in range(iterations):
-            p = torch.sigmoid(a @ w)
-            hessian = (a * (p * (1 - p))[:, None]).T @ a + ridge * eye
-            w = w + torch.linalg.solve(hessian, a.T @ (label - p) - ridge * w)
-        self.weight.copy_(w)
 
 
 class Branch(nn.Sequential):
@@ -248,13 +126,13 @@ class Generator(nn.Module):
 
     def __init__(
         self, *, enc_x: nn.Module, enc_y: nn.Module, core: nn.Module, dec_x: nn.Module, dec_y: nn.Module,
-        multiple: int = 1, min_size: int = 1, residual: bool = False,
+        multiple: int = 1, min_size: int = 1, residual: bool = False, lin_x: LinearPath | None = None,
+        lin_y: LinearPath | None = None,
     ) -> None:
         super().__init__()
         self.enc_x, self.enc_y, self.core, self.dec_x, self.dec_y = enc_x, enc_y, core, dec_x, dec_y
         self.multiple, self.min_size, self.residual = multiple, min_size, residual
-        self.lin_x: LinearPath | None = None
-        self.lin_y: LinearPath | None = None
+        self.lin_y, self.lin_x = lin_y, lin_x  # registered in this order, as checkpoints list them
 
     def forward(self, x: Tensor) -> Tensor:
         out = self._translate(x, self.enc_x, self.core.forward, self.dec_y)
@@ -310,46 +188,57 @@ def _resnet_parts(cin: int, cout: int, k: int) -> tuple[nn.Module, nn.Module]:
 
 
 def _assemble(parts: Callable[[int, int, int], tuple[nn.Module, nn.Module]], core: nn.Module, *,
-              in_channels: int, out_channels: int, width: int, multiple: int) -> Generator:
+              in_channels: int, out_channels: int, width: int, multiple: int, residual: bool,
+              linear_kernel: Sequence[int] | None) -> Generator:
     enc_x, dec_y = parts(in_channels, out_channels, width)
     enc_y, dec_x = parts(out_channels, in_channels, width)
+    paths = {}
+    if linear_kernel is not None:
+        paths = {"lin_y": LinearPath(in_channels, out_channels, linear_kernel),
+                 "lin_x": LinearPath(out_channels, in_channels, linear_kernel)}
     # reflection padding needs a side > pad: 2 for 3³ convs; 4 for the ResNet (5³ convs, 3³ at half size)
     return Generator(enc_x=enc_x, enc_y=enc_y, core=core, dec_x=dec_x, dec_y=dec_y, multiple=multiple,
-                     min_size=2 * multiple)
+                     min_size=2 * multiple, residual=residual, **paths)
 
 
 @GENERATORS.register("rev_srcnn3d")
 def rev_srcnn3d(*, in_channels: int, out_channels: int, width: int, depth: int,
-                memory_saving: bool = True) -> Generator:
+                memory_saving: bool = True, residual: bool = False,
+                linear_kernel: Sequence[int] | None = None) -> Generator:
     """Reversible 3D SRCNN: full-resolution core of `depth` coupling blocks on `width` channels."""
     core = _reversible_core(width, depth, memory_saving)
     return _assemble(_srcnn_parts, core, in_channels=in_channels, out_channels=out_channels, width=width,
-                     multiple=1)
+                     multiple=1, residual=residual, linear_kernel=linear_kernel)
 
 
 @GENERATORS.register("rev_resnet3d")
 def rev_resnet3d(*, in_channels: int, out_channels: int, width: int, depth: int,
-                 memory_saving: bool = True) -> Generator:
+                 memory_saving: bool = True, residual: bool = False,
+                linear_kernel: Sequence[int] | None = None) -> Generator:
     """Reversible 3D ResNet: core of `depth` coupling blocks on 2·`width` channels at half resolution."""
     core = _reversible_core(2 * width, depth, memory_saving)
     return _assemble(_resnet_parts, core, in_channels=in_channels, out_channels=out_channels, width=width,
-                     multiple=2)
+                     multiple=2, residual=residual, linear_kernel=linear_kernel)
 
 
 @GENERATORS.register("srcnn3d")
 def srcnn3d(*, in_channels: int, out_channels: int, width: int, depth: int,
-            memory_saving: bool = True) -> Generator:
+            memory_saving: bool = True, residual: bool = False,
+                linear_kernel: Sequence[int] | None = None) -> Generator:
     """Non-reversible SRCNN baseline: separate residual cores per direction (`memory_saving` unused)."""
     return _assemble(_srcnn_parts, SeparateCores(width, depth), in_channels=in_channels,
-                     out_channels=out_channels, width=width, multiple=1)
+                     out_channels=out_channels, width=width, multiple=1, residual=residual,
+                     linear_kernel=linear_kernel)
 
 
 @GENERATORS.register("resnet3d")
 def resnet3d(*, in_channels: int, out_channels: int, width: int, depth: int,
-             memory_saving: bool = True) -> Generator:
+             memory_saving: bool = True, residual: bool = False,
+                linear_kernel: Sequence[int] | None = None) -> Generator:
     """Non-reversible 3D ResNet baseline: separate residual cores per direction (`memory_saving` unused)."""
     return _assemble(_resnet_parts, SeparateCores(2 * width, depth), in_channels=in_channels,
-                     out_channels=out_channels, width=width, multiple=2)
+                     out_channels=out_channels, width=width, multiple=2, residual=residual,
+                     linear_kernel=linear_kernel)
 
 
 @torch.no_grad()

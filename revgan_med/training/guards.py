@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
+from revgan_med.checkpoints import RESUME_KEYS, checkpoint_config, load_checkpoint, require_keys
 from revgan_med.config import Config, ConfigError
-from revgan_med.training.checkpoint import RESUME_KEYS, checkpoint_config, load_checkpoint, require_keys
 
 # what decides the shapes of the saved weights: a resume must not change it
 _WEIGHT_KEYS = ("task", "objective", "model", "loss.registration_width", "loss.registration_levels")

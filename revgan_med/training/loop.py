@@ -28,14 +28,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from revgan_med.config import TASK_CHANNELS, Config, ConfigError, save_config
-from revgan_med.training.checkpoint import (
-    build_generator_from_config,
-    capture_rng_state,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
+from revgan_med.checkpoints import build_generator_from_config, load_checkpoint, save_checkpoint
+from revgan_med.config import Config, ConfigError, save_config
+from revgan_med.data.datasets import PatchDataset, load_datalist
+from revgan_med.data.transforms import intensity_for_task
+from revgan_med.networks import build_discriminator
+from revgan_med.tasks import TASK_CHANNELS, TaskSpec, training_spec
 from revgan_med.training.distributed import (
     DistributedContext,
     ResumableDistributedSampler,
@@ -54,6 +52,7 @@ from revgan_med.training.guards import (
 )
 from revgan_med.training.logging import RunLogger
 from revgan_med.training.objectives import OBJECTIVES, Objective, build_objective
+from revgan_med.training.rng import capture_rng_state, restore_rng_state
 from revgan_med.training.validation import ValidationSet
 
 
@@ -100,8 +99,6 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContex
 def build_training_objective(config: Config) -> Objective:
     """The objective of `config` with its generator and discriminators (weights N(0, 0.02) per §4.3
     are the networks' own initialisation)."""
-    from revgan_med.networks import build_discriminator
-
     channels = TASK_CHANNELS[config.task]
     fitted_paths = config.objective == "self-inverse" and config.model.linear_kernel
     if fitted_paths and config.train.linear_fit_batches < 1:
@@ -213,8 +210,6 @@ def _loader(dataset: Dataset, config: Config, context: DistributedContext) -> tu
 
 
 def _training_dataset(config: Config, intensity: Any) -> Dataset:
-    from revgan_med.data.datasets import PatchDataset, load_datalist
-
     data = config.data
     return PatchDataset(
         load_datalist(data.datalist, "training"),
@@ -243,19 +238,21 @@ class _Checkpointer:
     def __init__(
         self,
         config: Config,
+        spec: TaskSpec,
         objective: Objective,
         optimizers: dict[str, torch.optim.Optimizer],
         schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler],
         scaler: torch.amp.GradScaler,
         intensity: Any,
     ) -> None:
-        self.config, self.objective, self.intensity = config, objective, intensity
+        self.config, self.spec, self.objective, self.intensity = config, spec, objective, intensity
         self.optimizers, self.schedulers, self.scaler = optimizers, schedulers, scaler
 
     def payload(self, state: TrainState) -> dict[str, Any]:
         require_finite_weights(self.objective.modules_by_role(), state.step)
         return {
             "config": self.config.to_dict(),
+            "spec": self.spec.to_dict(),
             "intensity": self.intensity.to_dict(),
             "task": self.config.task,
             "objective": self.config.objective,
@@ -320,7 +317,15 @@ def train(config: Config, output_dir: str | Path, *, resume: bool = False) -> Pa
         shutdown_distributed(context)
 
 
-def _optimisers(objective: Objective, config: Config) -> tuple[dict, dict]:
+def _spec(config: Config) -> TaskSpec:
+    """The experiment spec; a config that contradicts its preprocessed data is a usage error."""
+    try:
+        return training_spec(config)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def build_optimisers(objective: Objective, config: Config) -> tuple[dict, dict]:
     """Adam and the constant-then-linear-decay schedule (thesis §4.3), one pair per trained role."""
     t = config.train
     schedule = functools.partial(lr_factor, steps=t.steps, decay_start=t.decay_start)
@@ -341,18 +346,17 @@ def _mean_losses(running: dict[str, list[float]], context: DistributedContext, l
 
 
 def _run(config: Config, run_dir: Path, *, resume: bool, context: DistributedContext) -> Path:
-    from revgan_med.data.transforms import intensity_for_task
-
     t = config.train
+    spec = _spec(config)
     seed_everything(t.seed + context.rank)
     device = context.device
-    intensity = intensity_for_task(config.task, config.data.window)
+    intensity = intensity_for_task(spec.task, spec.window)
     objective = build_training_objective(config).to(device)
     broadcast_module(objective, context)
-    optimizers, schedulers = _optimisers(objective, config)
+    optimizers, schedulers = build_optimisers(objective, config)
     amp_dtype = autocast_dtype(t.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    checkpointer = _Checkpointer(config, objective, optimizers, schedulers, scaler, intensity)
+    checkpointer = _Checkpointer(config, spec, objective, optimizers, schedulers, scaler, intensity)
     last, best = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
     state = checkpointer.restore(last, context) if resume else TrainState()
     if context.is_main:

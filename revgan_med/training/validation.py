@@ -19,7 +19,10 @@ import torch
 from torch import nn
 
 from revgan_med.config import Config
+from revgan_med.data.datasets import load_case, load_datalist
 from revgan_med.data.transforms import CTWindow
+from revgan_med.evaluation import compute_metrics
+from revgan_med.inference import sliding_window_predict
 from revgan_med.training.logging import RunLogger
 
 
@@ -55,8 +58,6 @@ class ValidationSet:
     @classmethod
     def from_config(cls, config: Config, intensity: Any) -> ValidationSet | None:
         """The datalist's validation cases, or None (with a warning) when it has none."""
-        from revgan_med.data.datasets import load_case, load_datalist
-
         data = config.data
         try:
             items = load_datalist(data.datalist, "validation")
@@ -85,8 +86,6 @@ class ValidationSet:
 
     def predict(self, generator: nn.Module, image: np.ndarray, *, device: torch.device) -> np.ndarray:
         """X→Y prediction of one normalised (C, X, Y, Z) volume, same shape."""
-        from revgan_med.inference import sliding_window_predict
-
         volume = torch.from_numpy(image)[None]
         out = sliding_window_predict(
             generator, volume, target_size=self.target_size, context_size=self.context_size,
@@ -98,8 +97,6 @@ class ValidationSet:
         self, generator: nn.Module, *, device: torch.device, logger: RunLogger | None = None, step: int = 0
     ) -> dict[str, float]:
         """Mean ``mae``, ``rmse``, ``psnr``, ``ssim`` over the cases; logs input | output | target."""
-        from revgan_med.evaluation import compute_metrics
-
         was_training = generator.training
         generator.eval()
         rows = []

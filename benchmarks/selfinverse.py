@@ -1,4 +1,4 @@
-"""Self-inverse vs paired on the real B/L kernel pair (issue 7 "Checked by"): parameters and PSNR.
+"""Self-inverse vs paired on the real B/L kernel pair: generator parameters and PSNR per direction.
 
 ``ct_kernel_pair_philips_B_L`` in the shared data: ONE chest CT acquisition reconstructed with a smooth
 (B) and a sharp (L) kernel, voxel-aligned (512×512×20, 0.84 mm in-plane, 5 mm slices); the networks see
@@ -13,35 +13,55 @@ The pair has 20 slices, fewer than the 24 the 3D PatchGAN needs, so both objecti
 ``loss.gan: none`` (L1 only; the rows "w/o L_GAN" of the thesis) — the comparison is the same for both.
 
 Default (small, CPU) settings: residual srcnn3d width 8, depth 2 (``--no-residual``: the thesis' plain
-generator, which must learn the identity first) with the in-plane linear paths of the kernel configs
-(``--linear-kernel 7,7,1``; ``none`` leaves them out) and their least-squares start from 32 batches, as
-``revgan-med train`` does; 48×48×16 patches; 400 steps, Adam lr 2e-4. The self-inverse network keeps
-both paths and its domain gate, fitted on the same 32 batches, picks one per window.
+generator) with the in-plane linear paths of the kernel configs (``--linear-kernel 7,7,1``; ``none``
+leaves them out) and their least-squares start from 32 batches, as ``revgan-med train`` does; 48×48×16
+patches; 400 steps, Adam lr 2e-4. The self-inverse network keeps both paths and its domain gate, fitted
+on the same 32 batches, picks one per window. Measurements: ``benchmarks/README.md``.
 
-Examples:
-  revgan-med benchmark selfinverse
-  revgan-med benchmark selfinverse --generator rev_resnet3d --steps 1000 --json selfinverse.json
+Examples (from the repository root):
+  python benchmarks/selfinverse.py
+  python benchmarks/selfinverse.py --generator rev_resnet3d --steps 1000 --json selfinverse.json
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from revgan_med.benchmarks import add_training_run_arguments, write_json
+import numpy as np
+import torch
+from _pairs import (
+    SHARED_DATA,
+    add_training_run_arguments,
+    build,
+    cut,
+    fit,
+    load_windowed,
+    parameter_count,
+    psnr_hu,
+    random_origin,
+)
+from _pairs import translate as apply
 
-HELP = "self-inverse vs paired on the real B/L kernel pair: generator parameters and PSNR per direction"
-DEFAULT_PAIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ct_kernel_pair_philips_B_L"
+from revgan_med.benchmarks import write_json
+from revgan_med.data.transforms import CTWindow
+from revgan_med.inference import resolve_device
+
+DEFAULT_PAIR = SHARED_DATA / "ct_kernel_pair_philips_B_L"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the options, train both objectives, print the table; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--pair", type=Path, default=DEFAULT_PAIR, help="folder with B/ and L/ DICOM series")
     parser.add_argument("--generator", default="srcnn3d", help="default: %(default)s")
     add_training_run_arguments(parser, steps=400, lr=2e-4, linear_kernel=[7, 7, 1])
-
-
-def run(args: argparse.Namespace) -> int:
+    args = parser.parse_args(argv)
     result = run_experiment(
         args.pair, generator=args.generator, steps=args.steps, width=args.width, lr=args.lr,
         residual=args.residual, linear_kernel=args.linear_kernel, device=args.device,
@@ -65,23 +85,6 @@ def run_experiment(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Train paired and self-inverse on the pair; return parameter counts and test PSNRs (plain data)."""
-    import numpy as np
-    import torch
-
-    from revgan_med.benchmarks._pairs import (
-        build,
-        cut,
-        fit,
-        load_windowed,
-        parameter_count,
-        psnr_hu,
-        random_origin,
-    )
-    from revgan_med.benchmarks._pairs import translate as apply
-    from revgan_med.config import LossConfig
-    from revgan_med.data.transforms import CTWindow
-    from revgan_med.inference import resolve_device
-
     for kernel in ("B", "L"):
         if not (pair / kernel).is_dir():
             raise ValueError(f"{pair / kernel}: kernel series not found (pass --pair)")
@@ -108,18 +111,19 @@ def run_experiment(
     ]  # fmt: skip
     for name in ("paired", "self-inverse"):
         torch.manual_seed(seed)
-        objective = build(
+        objective, optimizers = build(
             name,
             generator=generator,
             width=width,
             depth=2,
             disc_width=8,
-            loss=LossConfig(gan="none"),
+            loss={"gan": "none"},
             residual=residual,
             linear_kernel=linear_kernel,
+            lr=lr,
         )
         print(f"objective {name}:")
-        seconds = fit(objective, batches, steps=steps, lr=lr, device=dev, linear_fit_batches=32)
+        seconds = fit(objective, optimizers, batches, steps=steps, device=dev, linear_fit_batches=32)
         objective.eval()
         g = objective.generator
         rows.append({
@@ -147,3 +151,7 @@ def format_table(result: dict[str, Any]) -> str:
             f"{r['objective']} | {r['parameters']} | {r['psnr_forward']:.2f} | {r['psnr_inverse']:.2f}"
         )
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

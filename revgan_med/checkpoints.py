@@ -1,9 +1,12 @@
-"""Self-describing checkpoints: one file that `infer` needs and nothing else.
+"""Self-describing checkpoints: reading and writing them, and rebuilding the model they hold.
 
-A checkpoint is a plain dict of tensors and plain data (loadable with ``weights_only=True``):
+Below both training (which writes them) and inference (which reads them). A checkpoint is a plain dict
+of tensors and plain data (loadable with ``weights_only=True``):
 
 - ``format`` / ``format_version`` / ``package_version``
 - ``config``: the fully resolved `Config` as nested plain data (task, objective, model, window, ...)
+- ``spec``: the experiment spec (`revgan_med.tasks.TaskSpec`: task, channels, window, factors,
+  upsampling, patch); checkpoints written before it existed get it from ``config``
 - ``intensity``: the intensity mapping as plain data (`revgan_med.data.transforms`)
 - ``step``, ``best_metric``
 - ``models``: state dicts by role (``generator``, ``disc_x``, ``disc_y``, ...)
@@ -12,16 +15,18 @@ A checkpoint is a plain dict of tensors and plain data (loadable with ``weights_
 
 from __future__ import annotations
 
-import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from revgan_med import __version__
-from revgan_med.config import TASK_CHANNELS, Config, config_from_dict
+from revgan_med.config import Config, config_from_dict
 from revgan_med.io.atomic import atomic_path
+from revgan_med.networks import build_generator
+from revgan_med.networks.selfinverse import SelfInverseGenerator
+from revgan_med.tasks import TASK_CHANNELS, TaskSpec
 
 FORMAT = "revgan-med-checkpoint"
 FORMAT_VERSION = 1
@@ -60,39 +65,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return payload
 
 
-def capture_rng_state() -> dict[str, Any]:
-    """The torch (CPU and CUDA), numpy and python RNG states as tensors and plain data."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "kind": kind,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached": float(cached),
-        },
-        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Set the RNGs to what `capture_rng_state` returned (CUDA only where saved and available)."""
-    torch.set_rng_state(state["torch"].cpu())
-    n = state["numpy"]
-    keys = n["keys"].numpy().astype(np.uint32)
-    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
-    if "cuda" in state and torch.cuda.is_available():
-        cuda_states = [s.cpu() for s in state["cuda"]][: torch.cuda.device_count()]
-        torch.cuda.set_rng_state_all(cuda_states)
-
-
 def require_keys(payload: dict[str, Any], keys: tuple[str, ...] = INFERENCE_KEYS) -> None:
     """Refuse a checkpoint that lacks what inference (or, with `RESUME_KEYS`, a resume) needs."""
     missing = [k for k in keys if k not in payload]
@@ -113,10 +85,15 @@ def checkpoint_config(payload: dict[str, Any]) -> Config:
         raise ValueError(f"checkpoint config is not valid ({exc})") from None
 
 
+def checkpoint_spec(payload: dict[str, Any]) -> TaskSpec:
+    """The experiment spec a checkpoint carries (rebuilt from its config for older checkpoints)."""
+    if "spec" in payload:
+        return TaskSpec.from_dict(payload["spec"])
+    return TaskSpec.from_config(checkpoint_config(payload))
+
+
 def build_generator_from_config(config: Config) -> torch.nn.Module:
     """The (freshly initialised) generator that `config.model` describes for `config.task`."""
-    from revgan_med.networks import build_generator
-
     channels = TASK_CHANNELS[config.task]
     model = config.model
     return build_generator(
@@ -139,8 +116,6 @@ def generator_from_checkpoint(
     config = checkpoint_config(payload)
     generator = build_generator_from_config(config)
     if config.objective == "self-inverse":  # one function f = f⁻¹: `inverse` is `forward`
-        from revgan_med.training.objectives_registration import SelfInverseGenerator
-
         generator = SelfInverseGenerator.from_generator(generator)
     try:
         generator.load_state_dict(payload["models"]["generator"])
@@ -152,3 +127,42 @@ def generator_from_checkpoint(
             f"{m.width}, depth {m.depth}): {detail[:200]}"
         ) from None
     return generator.to(device).eval(), config
+
+
+@dataclass
+class Model:
+    """A generator plus everything inference needs from its checkpoint.
+
+    `generator` has ``forward`` (X→Y) and ``inverse`` (Y→X) on (B, C, X, Y, Z) in network units;
+    `intensity` is the mapping's ``to_dict()``; `patch_size` the training patch (default context).
+    """
+
+    generator: torch.nn.Module
+    task: str
+    intensity: dict[str, Any]
+    patch_size: tuple[int, int, int]
+    factors: tuple[int, int, int] = (1, 1, 1)
+    upsample: str = "nearest"
+    target_size: int = 64
+    batch_size: int = 1
+    name: str = "model"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+def model_from_checkpoint(payload: dict[str, Any], device: torch.device) -> Model:
+    """The `Model` of a loaded checkpoint, its generator on `device` in eval mode; task, window,
+    factors, upsampling and patch come from the checkpoint's spec."""
+    generator, config = generator_from_checkpoint(payload, device)
+    spec = checkpoint_spec(payload)
+    return Model(
+        generator=generator,
+        task=spec.task,
+        intensity=dict(payload["intensity"]),
+        patch_size=spec.patch_size,
+        factors=spec.factors,
+        upsample=spec.upsample,
+        target_size=config.infer.target_size,
+        batch_size=config.infer.batch_size,
+        name=f"{config.model.generator} {spec.task}",
+        device=device,
+    )

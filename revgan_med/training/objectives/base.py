@@ -283,7 +283,3 @@ def build_objective(
 ) -> Objective:
     """Build a registered objective (`OBJECTIVES.names()` lists them)."""
     return OBJECTIVES.build(name, generator=generator, discriminators=discriminators, loss=loss)
-
-
-# objectives defined in their own modules register themselves into OBJECTIVES when imported
-from revgan_med.training import objectives_registration  # noqa: E402, F401

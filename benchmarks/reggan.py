@@ -1,4 +1,4 @@
-"""RegGAN misalignment experiment (issue 7 item 3): paired L1 vs reggan on pairs misaligned on purpose.
+"""RegGAN misalignment experiment: paired L1 vs reggan on CT pairs misaligned on purpose.
 
 Real CT (``ct_chest_1p5mm/chest_ct.nii.gz`` in the shared data, 1.5 mm isotropic) in the chest window
 [-1150, 350] HU. Tasks (``--task``): ``kernel`` (default), sharp → smooth kernel conversion between the
@@ -11,47 +11,56 @@ random affines of source and target at the RegGAN noise level (`revgan_med.data.
 reported as the mean voxel misalignment). The test slab (z ≥ 70 %) is never misaligned: the table is
 the PSNR of F(x) against the ALIGNED target, per noise level and objective: ``paired`` (λ_L1 100) and
 ``reggan`` (Corr 20 + Smooth 10, registration net trained with the generator), plus the input's own PSNR.
-
-The adversarial terms are off by default (``--gan none``): the claim is about the correction, and in
-runs this short the GAN terms decide the result by their noise (with ``--gan lsgan``, Adv 1 against
-RegGAN's Corr 20 is relatively five times paired's GAN 1 against L1 100; at level 5 reggan fell to
-17.6 dB, paired 26.3 dB, 200 steps at lr 1e-3).
+The adversarial terms are off by default (``--gan none``): the claim is about the correction.
 
 Default (small, CPU) settings: residual rev_resnet3d width 8, depth 2 (``--no-residual``: the
-thesis' plain generator, which must learn the identity first); PatchGAN width 8; R width 8, 2 levels;
-32³ patches cut from 48³ misaligned boxes; 400 steps, batch 1, Adam lr 2e-4 (RegGAN's own is 1e-4; at
-lr 1e-3 paired training did not beat the input at level 0 even in 600 steps); noise levels 0, 2, 5.
-About 0.25 s per paired and 0.7 s per reggan step on 2 CPU cores — the whole table takes about 20
-minutes; use --steps to trade time for quality. Short runs show the trend, not converged values.
+thesis' plain generator); PatchGAN width 8; R width 8, 2 levels; 32³ patches cut from 48³ misaligned
+boxes; 400 steps, batch 1, Adam lr 2e-4; noise levels 0, 2, 5. Measurements: ``benchmarks/README.md``.
 
-Examples:
-  revgan-med benchmark reggan
-  revgan-med benchmark reggan --levels 0,5 --json reggan.json
-  revgan-med benchmark reggan --task sr --gan lsgan --steps 3000 --lr 2e-4 --device cuda --width 16
+Examples (from the repository root):
+  python benchmarks/reggan.py
+  python benchmarks/reggan.py --levels 0,5 --json reggan.json
+  python benchmarks/reggan.py --task sr --gan lsgan --steps 3000 --lr 2e-4 --device cuda --width 16
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from revgan_med.benchmarks import add_training_run_arguments, write_json
-
-if TYPE_CHECKING:
-    import numpy as np
-
-    from revgan_med.data.transforms import CTWindow
-
-HELP = "RegGAN claim in 3D: PSNR of paired vs reggan training on CT pairs misaligned by noise level"
-DEFAULT_SCAN = (
-    Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ct_chest_1p5mm" / "chest_ct.nii.gz"
+import numpy as np
+import torch
+from _pairs import (
+    SHARED_DATA,
+    add_training_run_arguments,
+    build,
+    cut,
+    fit,
+    psnr_hu,
+    random_origin,
+    translate,
 )
+
+from revgan_med.benchmarks import write_json
+from revgan_med.data.degradation import simulate_kernel_pair, thick_slice, upsample_to_hr
+from revgan_med.data.misalign import misalign_pair
+from revgan_med.data.transforms import CTWindow
+from revgan_med.inference import resolve_device
+from revgan_med.io import load_volume
+
+DEFAULT_SCAN = SHARED_DATA / "ct_chest_1p5mm" / "chest_ct.nii.gz"
 OBJECTIVES = ("paired", "reggan")
 TASKS = ("sr", "kernel")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the options, run every (level, objective), print the table; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "--scan", type=Path, default=DEFAULT_SCAN, help="CT volume (default: the shared chest CT)"
     )
@@ -65,9 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--objectives", default=",".join(OBJECTIVES), help="default: %(default)s")
     add_training_run_arguments(parser, steps=400, lr=2e-4)
     parser.add_argument("--patch", type=int, default=32, help="training patch side (default: %(default)s)")
-
-
-def run(args: argparse.Namespace) -> int:
+    args = parser.parse_args(argv)
     levels = [float(v) for v in args.levels.split(",")]
     objectives = [v.strip() for v in args.objectives.split(",")]
     result = run_experiment(
@@ -99,13 +106,6 @@ def run_experiment(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Train every (level, objective) run and return the PSNR table (plain data)."""
-    import torch
-
-    from revgan_med.benchmarks._pairs import build, fit, psnr_hu, translate
-    from revgan_med.config import LossConfig
-    from revgan_med.data.transforms import CTWindow
-    from revgan_med.inference import resolve_device
-
     if not scan.exists():
         raise ValueError(f"{scan}: scan not found (pass --scan)")
     dev = resolve_device(device)
@@ -123,8 +123,8 @@ def run_experiment(
         )
         for name in objectives:
             torch.manual_seed(seed)
-            loss = LossConfig(gan=gan, registration_width=8, registration_levels=registration_levels)
-            objective = build(
+            loss = {"gan": gan, "registration_width": 8, "registration_levels": registration_levels}
+            objective, optimizers = build(
                 name,
                 generator="rev_resnet3d",
                 width=width,
@@ -133,9 +133,10 @@ def run_experiment(
                 loss=loss,
                 residual=residual,
                 linear_kernel=linear_kernel,
+                lr=lr,
             )
             print(f"noise level {level:g}, objective {name}:")
-            seconds = fit(objective, sampler, steps=steps, lr=lr, device=dev)
+            seconds = fit(objective, optimizers, sampler, steps=steps, device=dev)
             objective.eval()
             prediction = translate(objective.generator, test_x, dev, context=[patch] * 3)
             rows.append({"objective": name, "level": level, "psnr": psnr_hu(prediction, test_y, window),
@@ -149,11 +150,6 @@ def run_experiment(
 
 def _task_pair(scan: Path, task: str, window: CTWindow) -> tuple[np.ndarray, np.ndarray]:
     """(source, target) of `task` on the scan, both ``(1, X, Y, Z)`` in `window` network units."""
-    import numpy as np
-
-    from revgan_med.data.degradation import simulate_kernel_pair, thick_slice, upsample_to_hr
-    from revgan_med.io import load_volume
-
     hu, affine = load_volume(scan)
     if hu.ndim != 3:
         raise ValueError(f"{scan}: expected a 3D CT volume, got shape {hu.shape}")
@@ -181,12 +177,6 @@ class _MisalignedPatches:
         self.displacements: list[float] = []
 
     def __call__(self, step: int) -> dict:
-        import numpy as np
-        import torch
-
-        from revgan_med.benchmarks._pairs import cut, random_origin
-        from revgan_med.data.misalign import misalign_pair
-
         rng = np.random.default_rng([self.seed, step])
         bounds = [(0, n) for n in self.source.shape[1:]]
         origin = random_origin(rng, bounds, [self.box] * 3)
@@ -231,3 +221,7 @@ def format_table(result: dict[str, Any]) -> str:
     base = next(r for r in rows if r["level"] is None)
     lines.append(f"input ({result['task']} task, no model): {base['psnr']:.2f} dB")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

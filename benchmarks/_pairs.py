@@ -1,31 +1,40 @@
-"""Shared pieces of the issue-7 experiments: windowed volumes, a short training run, evaluation in HU.
+"""Shared pieces of the RegGAN and self-inverse experiments: windowed volumes, a short training run on
+patches the experiment cuts itself, evaluation in HU, and their command-line options.
 
-The experiments train the project's own objectives (`build_objective`, `train_step` of the training
-loop) on patches cut from one real scan and evaluate the generator on a held-out slab of it, so they are
-small enough for a CPU and exercise exactly the code a `revgan-med train` run uses.
+The objective and its optimisers are built by the training loop's own `build_training_objective` and
+`build_optimisers` from a `Config`, and each step is the loop's `train_step`: the experiments differ from
+``revgan-med train`` only in where the patches come from (misaligned on purpose, or cut from one scan's
+training region), which a datalist cannot express.
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from revgan_med.config import LossConfig
+from revgan_med.config import config_from_dict
 from revgan_med.data.transforms import CTWindow
 from revgan_med.evaluation import compute_metrics
+from revgan_med.inference import sliding_window_predict
+from revgan_med.io import load_volume
+from revgan_med.training.distributed import init_distributed
+from revgan_med.training.loop import build_optimisers, build_training_objective, train_step
+
+# the real scans beside the repository (../shared/data); every script takes its own path option too
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 Batch = dict[str, torch.Tensor]
 
 
 def load_windowed(path: str | Path, window: CTWindow) -> np.ndarray:
     """A CT volume (NIfTI file or DICOM folder) in network units [-1, 1], shape (1, X, Y, Z) float32."""
-    from revgan_med.io import load_volume
-
     array, _ = load_volume(path)
     if array.ndim != 3:
         raise ValueError(f"{path}: expected a 3D CT volume, got shape {array.shape}")
@@ -51,56 +60,47 @@ def build(
     width: int,
     depth: int,
     disc_width: int,
-    loss: LossConfig,
+    loss: dict[str, Any],
     residual: bool = True,
     linear_kernel: Sequence[int] | None = None,
-) -> nn.Module:
-    """A registered objective with a one-channel generator and the discriminators it asks for.
+    lr: float = 2e-4,
+) -> tuple[nn.Module, dict[str, torch.optim.Optimizer]]:
+    """A registered objective with a one-channel generator, its discriminators and Adam per role, as
+    ``revgan-med train`` builds them from a config (`loss`: the config's ``loss`` section).
 
     `residual` builds the generator as input + learned correction (identity when untrained), as
     ``model.residual`` does in the configs; `linear_kernel` adds the linear paths (zero at the start;
     `fit` can give them their least-squares start).
     """
-    from revgan_med.networks import build_discriminator, build_generator
-    from revgan_med.training.objectives import OBJECTIVES, build_objective
-
-    net = build_generator(
-        generator,
-        in_channels=1,
-        out_channels=1,
-        width=width,
-        depth=depth,
-        memory_saving=False,
-        residual=residual,
-        linear_kernel=linear_kernel,
-    )
-    needed = OBJECTIVES.get(objective).discriminator_channels(1, loss.gan)
-    discs = {r: build_discriminator("patchgan3d", in_channels=c, width=disc_width) for r, c in needed.items()}
-    return build_objective(objective, generator=net, discriminators=discs, loss=loss)
+    config = config_from_dict({
+        "task": "ct-kernel", "objective": objective, "loss": loss,
+        "model": {"generator": generator, "width": width, "depth": depth, "disc_width": disc_width,
+                  "memory_saving": False, "residual": residual,
+                  "linear_kernel": None if linear_kernel is None else list(linear_kernel)},
+        "train": {"lr": lr, "betas": [0.5, 0.999]},
+    })  # fmt: skip
+    built = build_training_objective(config)
+    optimizers, _ = build_optimisers(built, config)  # no scheduler steps: a constant learning rate
+    return built, optimizers
 
 
 def fit(
     objective: nn.Module,
+    optimizers: dict[str, torch.optim.Optimizer],
     batches: Callable[[int], Batch],
     *,
     steps: int,
-    lr: float,
     device: torch.device,
     linear_fit_batches: int = 0,
     log: Callable[[str], None] = print,
 ) -> float:
-    """Train `objective` for `steps` iterations of the loop's `train_step` (Adam per role, constant lr).
+    """Train `objective` (from `build`) for `steps` iterations of the loop's `train_step`.
 
     `batches(step)` returns the step's batch. With `linear_fit_batches`, the generator's linear paths
     first get their least-squares start from that many further batches, as ``revgan-med train`` does.
     Returns the wall-clock seconds.
     """
-    from revgan_med.training.distributed import init_distributed
-    from revgan_med.training.loop import train_step
-
-    objective.to(device).train()
-    modules = objective.modules_by_role()
-    optimizers = {r: torch.optim.Adam(m.parameters(), lr=lr, betas=(0.5, 0.999)) for r, m in modules.items()}
+    objective.to(device).train()  # moves the parameters in place: the optimisers keep them
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     context = init_distributed(str(device.type))
     start = time.perf_counter()
@@ -130,8 +130,6 @@ def translate(
     As ``revgan-med infer``: each half-size centre is predicted from a `context` window around it, so
     instance normalisation sees patch-sized inputs as in training.
     """
-    from revgan_med.inference import sliding_window_predict
-
     target = [max(1, c // 2) for c in context]
     volume_t = torch.from_numpy(np.ascontiguousarray(volume))[None]
     out = sliding_window_predict(fn, volume_t, target_size=target, context_size=list(context), device=device)
@@ -151,3 +149,34 @@ def psnr_hu(
 def parameter_count(module: nn.Module) -> int:
     """Trainable parameters; modules shared between roles are counted once."""
     return sum(p.numel() for p in module.parameters())
+
+
+def add_training_run_arguments(
+    parser: argparse.ArgumentParser, *, steps: int, lr: float, linear_kernel: list[int] | None = None
+) -> None:
+    """The options shared by the experiments that train small models (`reggan`, `selfinverse`)."""
+    parser.add_argument(
+        "--steps", type=int, default=steps, help="training steps per run (default: %(default)s)"
+    )
+    parser.add_argument("--width", type=int, default=8, help="generator width (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=lr, help="Adam learning rate (default: %(default)s)")
+    parser.add_argument(
+        "--residual", action=argparse.BooleanOptionalAction, default=True,
+        help="generator = input + learned correction, identity when untrained (default: on)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--linear-kernel", type=_kernel, default=linear_kernel, metavar="X,Y,Z",
+        help=f"the generator's linear paths, model.linear_kernel, or none (default: {linear_kernel})",
+    )  # fmt: skip
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+
+
+def _kernel(text: str) -> list[int] | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected X,Y,Z odd integers, got {text!r}") from None

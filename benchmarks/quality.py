@@ -1,4 +1,4 @@
-"""Quality on real CT against what users would do without the model (issue 5, "Checked by").
+"""Quality on real CT against what users would do without the model: interpolation, tuned filters.
 
 Each experiment trains ONE small model with the project's own pipeline — `preprocess` writes the
 datalist, `revgan_med.training.loop.train` runs the packaged config with the CPU overrides below —
@@ -24,40 +24,49 @@ filter (goal: above it) and ≥ 3 dB above doing nothing.
 
 Defaults (CPU, one torch thread): generator width 16, depth 2, Adam constant then linear decay over
 the second half. sr: the config's rev_srcnn3d, PatchGAN width 16, 32³ patches, tricubic input,
-lr 1e-3, 800 steps (~0.85 s/step on one core: ~12 min with testing; measured +0.55 dB over tricubic
-on both tests, 400 steps +0.3 dB). kernel: rev_srcnn3d (full resolution: clearly better and twice as
-fast as rev_resnet3d here), lr 1e-3, 64×64×20 patches, 300 steps (~0.4 s/step with --threads 2:
-~3 min with testing; measured +2.9 dB over the tuned unsharp mask and +5.0 dB over the tuned blur).
+lr 1e-3, 800 steps (~12 min on one core with testing). kernel: rev_srcnn3d (full resolution),
+lr 1e-3, 64×64×20 patches, 300 steps (~3 min with --threads 2 with testing).
 No validation cases: the last checkpoint is tested. These are short runs, not converged models: use
---sr-steps / --kernel-steps and --device cuda to go further.
+--sr-steps / --kernel-steps and --device cuda to go further. Measurements: ``benchmarks/README.md``.
 
-Examples:
-  revgan-med benchmark quality sr
-  revgan-med benchmark quality kernel --kernel-steps 500 --json kernel.json
-  revgan-med benchmark quality all --threads 2 --workdir runs/quality
+Examples (from the repository root):
+  python benchmarks/quality.py sr
+  python benchmarks/quality.py kernel --kernel-steps 500 --json kernel.json
+  python benchmarks/quality.py all --threads 2 --workdir runs/quality
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
+import torch
+from _pairs import SHARED_DATA
+from scipy import ndimage
 
 from revgan_med.benchmarks import write_json
-from revgan_med.config import UPSAMPLE_MODES
+from revgan_med.config import load_config
+from revgan_med.data.degradation import thick_slice
+from revgan_med.data.preprocess import preprocess
+from revgan_med.data.sampling import ct_foreground
+from revgan_med.evaluation import baseline_volume, compute_metrics
+from revgan_med.inference import infer_volume, load_model
+from revgan_med.io import load_volume, save_volume
+from revgan_med.tasks import DEFAULT_FACTORS, DEFAULT_WINDOW, UPSAMPLE_MODES, WINDOWS
+from revgan_med.training.loop import train
 
-if TYPE_CHECKING:
-    import numpy as np
-
-HELP = "model vs tricubic (super-resolution) and vs tuned filters (kernel conversion) on real CT"
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-FACTORS = (2, 2, 4)
-SR_WINDOW = (-1150.0, 350.0)
-KERNEL_WINDOW = (-900.0, 400.0)
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+FACTORS = DEFAULT_FACTORS
+SR_WINDOW = WINDOWS[DEFAULT_WINDOW]
+KERNEL_WINDOW = WINDOWS["nlst"]
 # filter grids; a sharp kernel is close to a high-gain Laplacian (small sigma, large amount)
 SIGMAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.5, 3.0)  # in-plane, voxels
 AMOUNTS = tuple(0.25 * 2 ** (k / 2) for k in range(17))  # unsharp-mask gain 0.25 … 64
@@ -90,7 +99,11 @@ class TrainSettings:
         return out + ([f"model.generator={self.generator}"] if self.generator else [])
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the options, run the chosen experiments, print their tables; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("experiment", nargs="?", default="all", choices=("sr", "kernel", "all"))
     parser.add_argument("--data", type=Path, default=SHARED_DATA, help="the shared real-scan folder")
     parser.add_argument("--sr-steps", type=int, default=800, help="sr training steps (%(default)s)")
@@ -109,15 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None, help="keep datalists and runs here")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
-
-
-def run(args: argparse.Namespace) -> int:
-    import tempfile
-
-    import torch
-
-    from revgan_med.io import load_volume
-
+    args = parser.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     common = {"width": args.width, "depth": args.depth, "device": args.device, "seed": args.seed}
     log: Log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
@@ -154,8 +159,6 @@ def split_slab(
     hu: np.ndarray, affine: np.ndarray, *, fraction: float, multiple: int
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """Split along z → ((hu, affine) below `fraction`, (hu, affine) after a gap of two `multiple`s)."""
-    import numpy as np
-
     end = int(fraction * hu.shape[2]) // multiple * multiple
     start = end + 2 * multiple
     if end < multiple or start >= hu.shape[2]:
@@ -167,21 +170,13 @@ def split_slab(
 
 def _train(config: str, scans: Path, work: Path, *, task: str, window: str, settings: TrainSettings,
            extra: Sequence[str] = ()) -> tuple[Path, float]:  # fmt: skip
-    """Preprocess `scans` for `task`, train the packaged `config` with the overrides → (last.pt, seconds)."""
-    import importlib.resources
-    import warnings
-
-    from revgan_med.config import load_config
-    from revgan_med.data.preprocess import preprocess
-    from revgan_med.training.loop import train
-
+    """Preprocess `scans` for `task`, train `configs/<config>` with the overrides → (last.pt, seconds)."""
     prep = preprocess(scans, work / "prep", task=task, window=window, factors=FACTORS, progress=False,
                       val_fraction=0.0)  # fmt: skip
     if prep.exit_code:
         raise ValueError(f"{prep.report_path}: preprocessing failed")
     overrides = [f"data.datalist={prep.datalist_path.resolve()}", *settings.overrides(), *extra]
-    with importlib.resources.as_file(importlib.resources.files("revgan_med") / "configs" / config) as path:
-        cfg = load_config(path, overrides)
+    cfg = load_config(CONFIGS / config, overrides)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="no validation during training")
@@ -193,10 +188,6 @@ def window_metrics(
     prediction: np.ndarray, reference: np.ndarray, window: Sequence[float], mask: np.ndarray | None = None
 ) -> dict[str, float]:
     """MAE / RMSE (HU), PSNR (dB), SSIM of HU volumes clipped to `window`, data range = its width."""
-    import numpy as np
-
-    from revgan_med.evaluation import compute_metrics
-
     lo, hi = window
     return compute_metrics(
         np.clip(prediction, lo, hi), np.clip(reference, lo, hi), data_range=hi - lo, mask=mask
@@ -207,16 +198,11 @@ def run_sr(
     train_scan: tuple[np.ndarray, np.ndarray], tests: dict[str, tuple[np.ndarray, np.ndarray]], *,
     settings: TrainSettings, upsample: str = "tricubic", workdir: Path, log: Log = print,
 ) -> dict[str, Any]:  # fmt: skip
-    """Train ×(2,2,4) on `train_scan` (HU, affine); test model / tricubic / trilinear on each of `tests`."""
-    from revgan_med.data.degradation import thick_slice
-    from revgan_med.evaluation import baseline_volume
-    from revgan_med.inference import infer_volume, load_model
-    from revgan_med.io import save_volume
-
+    """Train ×`FACTORS` on `train_scan` (HU, affine); test model / tricubic / trilinear on each of `tests`."""
     save_volume(*train_scan, workdir / "scans" / "train.nii.gz", description="training scan")
     log(f"sr: training {settings.steps} steps ...")
     checkpoint, seconds = _train(
-        "ct_sr_paired.yaml", workdir / "scans", workdir, task="ct-sr", window="chest-1024",
+        "ct_sr_paired.yaml", workdir / "scans", workdir, task="ct-sr", window=DEFAULT_WINDOW,
         settings=settings, extra=[f"data.upsample={upsample}"],
     )  # fmt: skip
     model = load_model(checkpoint, device=settings.device)
@@ -244,11 +230,6 @@ def run_sr(
 
 def body_mask(hu: np.ndarray) -> np.ndarray:
     """The body: > −500 HU, largest connected component, holes filled per axial slice (lungs inside)."""
-    import numpy as np
-    from scipy import ndimage
-
-    from revgan_med.data.sampling import ct_foreground
-
     labels, count = ndimage.label(ct_foreground(hu))
     if count == 0:
         return np.ones(hu.shape, bool)
@@ -258,9 +239,7 @@ def body_mask(hu: np.ndarray) -> np.ndarray:
 
 def blur(hu: np.ndarray, sigma: float) -> np.ndarray:
     """In-plane Gaussian blur (a reconstruction kernel acts within each slice)."""
-    from scipy.ndimage import gaussian_filter
-
-    return gaussian_filter(hu.astype("float32"), (sigma, sigma, 0.0))
+    return ndimage.gaussian_filter(hu.astype("float32"), (sigma, sigma, 0.0))
 
 
 def unsharp(hu: np.ndarray, sigma: float, amount: float) -> np.ndarray:
@@ -271,8 +250,6 @@ def unsharp(hu: np.ndarray, sigma: float, amount: float) -> np.ndarray:
 def tune_filters(smooth: np.ndarray, sharp: np.ndarray, mask: np.ndarray) -> dict[str, dict[str, float]]:
     """Grid search, by PSNR in the nlst window over `mask`, of the unsharp mask smooth→sharp and the
     Gaussian blur sharp→smooth → ``{"unsharp": {sigma, amount, psnr}, "blur": {sigma, psnr}}``."""
-    import numpy as np
-
     lo, hi = KERNEL_WINDOW
     ref_sharp, ref_smooth = np.clip(sharp[mask], lo, hi), np.clip(smooth[mask], lo, hi)
 
@@ -296,11 +273,6 @@ def run_kernel(
 ) -> dict[str, Any]:  # fmt: skip
     """Train one paired smooth→sharp model on x < half of a same-scan pair (HU, one grid); test both
     directions on x ≥ half against doing nothing and the filters tuned on x < half."""
-    import numpy as np
-
-    from revgan_med.inference import infer_volume, load_model
-    from revgan_med.io import save_volume
-
     if smooth.shape != sharp.shape or smooth.ndim != 3:
         raise ValueError(f"kernel pair: shapes {smooth.shape} and {sharp.shape} differ or are not 3D")
     half = smooth.shape[0] // 2
@@ -396,3 +368,7 @@ def format_kernel(result: dict[str, Any]) -> str:
             f"{model - nothing:+.2f} dB (>= {KERNEL_OVER_INPUT_DB:g}: {'yes' if over else 'NO'})"
         )
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
