@@ -285,7 +285,8 @@ def run_demo(
     from revgan_med import __version__
     from revgan_med.data.preprocess import preprocess
     from revgan_med.evaluation import evaluate_volumes, write_csv
-    from revgan_med.inference import infer_path, load_model, resolve_device
+    from revgan_med.inference import infer_path, load_model
+    from revgan_med.runtime import resolve_device
 
     out = Path(output_dir)
     _clear_previous_demo(out)

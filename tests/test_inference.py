@@ -19,9 +19,9 @@ from revgan_med.inference import (
     infer_volume,
     parse_shard,
     shard_items,
-    sliding_window_predict,
 )
 from revgan_med.io import load_volume, save_volume
+from revgan_med.tiling import sliding_window_predict
 
 WINDOW = {"kind": "ct-window", "window": [-1150.0, 350.0]}
 

@@ -130,7 +130,7 @@ def translate(
     As ``revgan-med infer``: each half-size centre is predicted from a `context` window around it, so
     instance normalisation sees patch-sized inputs as in training.
     """
-    from revgan_med.inference import sliding_window_predict
+    from revgan_med.tiling import sliding_window_predict
 
     target = [max(1, c // 2) for c in context]
     volume_t = torch.from_numpy(np.ascontiguousarray(volume))[None]

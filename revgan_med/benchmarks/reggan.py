@@ -104,7 +104,7 @@ def run_experiment(
     from revgan_med.benchmarks._pairs import build, fit, psnr_hu, translate
     from revgan_med.config import LossConfig
     from revgan_med.data.transforms import CTWindow
-    from revgan_med.inference import resolve_device
+    from revgan_med.runtime import resolve_device
 
     if not scan.exists():
         raise ValueError(f"{scan}: scan not found (pass --scan)")

@@ -80,7 +80,7 @@ def run_experiment(
     from revgan_med.benchmarks._pairs import translate as apply
     from revgan_med.config import LossConfig
     from revgan_med.data.transforms import CTWindow
-    from revgan_med.inference import resolve_device
+    from revgan_med.runtime import resolve_device
 
     for kernel in ("B", "L"):
         if not (pair / kernel).is_dir():

@@ -4,7 +4,7 @@ A phantom CT (default 192×192×96, in network units) is reconstructed by a rand
 generator (default rev_resnet3d, width 16, depth 4) with target windows (default 32³) predicted from
 centred context windows (default 64³), three ways that must agree within 1e-5:
 
-- ``revgan-med``: `revgan_med.inference.sliding_window_predict` — batched windows, ``inference_mode``,
+- ``revgan-med``: `revgan_med.tiling.sliding_window_predict` — batched windows, ``inference_mode``,
   optional channels-last 3D memory format, each window writes only its centre;
 - ``naive``: a Python loop over the same context windows, one at a time, ``no_grad``, default layout;
 - ``monai``: MONAI's ``sliding_window_inference`` (what ``SlidingWindowInferer`` runs) over the same
@@ -79,7 +79,7 @@ def _naive(model: Callable, volume: Any, *, target: int, context: int) -> Any:
     import torch
     import torch.nn.functional as F
 
-    from revgan_med.inference import window_grid
+    from revgan_med.tiling import window_grid
 
     spatial = volume.shape[2:]
     pad, windows = window_grid(spatial, target_size=(target,) * 3, context_size=(context,) * 3)
@@ -102,7 +102,7 @@ def _monai(model: Callable, volume: Any, *, target: int, context: int, batch_siz
     import torch.nn.functional as F
     from monai.inferers import sliding_window_inference
 
-    from revgan_med.inference import window_grid
+    from revgan_med.tiling import window_grid
 
     spatial = volume.shape[2:]
     pad, _ = window_grid(spatial, target_size=(target,) * 3, context_size=(context,) * 3)
@@ -131,8 +131,9 @@ def run_benchmark(
 
     from revgan_med.data.phantom import make_phantom
     from revgan_med.data.transforms import CTWindow
-    from revgan_med.inference import resolve_device, sliding_window_predict, window_grid
     from revgan_med.networks import build_generator
+    from revgan_med.runtime import resolve_device
+    from revgan_med.tiling import sliding_window_predict, window_grid
 
     if len(shape) != 3 or min(shape) < 1 or not 1 <= target <= context or repeats < 1 or batch_size < 1:
         raise ValueError("benchmark speed: need a 3D shape, 1 <= target <= context, repeats >= 1, batch >= 1")
