@@ -88,8 +88,8 @@ def test_hadolint_catches_a_bad_dockerfile(tmp_path):
 
 def test_base_image_is_a_pinned_cuda_pytorch():
     base = next(rest for kw, rest in _instructions() if kw == "ARG" and rest.startswith("BASE_IMAGE="))
-    torch_version = next(rest for kw, rest in _instructions() if kw == "ARG" and rest.startswith("TORCH_VERSION="))
-    image = base.split("=", 1)[1].replace("${TORCH_VERSION}", torch_version.split("=", 1)[1])
+    pin = next(rest for kw, rest in _instructions() if kw == "ARG" and rest.startswith("TORCH_VERSION="))
+    image = base.split("=", 1)[1].replace("${TORCH_VERSION}", pin.split("=", 1)[1])
     name, _, tag = image.partition(":")
     assert name == "pytorch/pytorch"
     assert re.fullmatch(r"\d+\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-runtime", tag), tag

@@ -15,8 +15,8 @@ plus ``forward only``: the generator on the same number of context windows witho
 stitching — the ceiling for any sliding window; ``auto windows``: the `infer` default (windows as
 large as the voxel budget allows, the generator's receptive radius as margin; InstanceNorm then sees
 other statistics, so its output differs); ``one window``: the generator on the whole volume at once.
-The ``time / one window`` column is each method's cost relative to that single pass. Each method is timed `--repeats` times after one
-warm-up window; the best time counts.
+The ``time / one window`` column is each method's cost relative to that single pass. Each method
+is timed `--repeats` times after one warm-up window; the best time counts.
 
 Examples:
   revgan-med benchmark speed
