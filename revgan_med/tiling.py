@@ -66,8 +66,9 @@ def window_sizes(
     max_voxels: int = DEFAULT_WINDOW_VOXELS,
 ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """``(target, context)`` per axis: both given as they are; only a context → target = context −
-    2·`margin`; only a target → context = the larger of the training `patch_size` and target +
-    2·`margin`; neither → `auto_windows` for this volume (about one pass of the network)."""
+    2·`margin`; only a target → context = the training `patch_size` (InstanceNorm statistics as in
+    training; thesis: 64³ in 128³), or target + 2·`margin` along axes where the target exceeds the
+    patch; neither → `auto_windows` for this volume (about one pass of the network)."""
     if target_size is None and context_size is None:
         return auto_windows(spatial_shape, margin=margin, max_voxels=max_voxels)
     if target_size is None:
@@ -76,7 +77,7 @@ def window_sizes(
     target = triple(target_size, "target_size")
     if context_size is None:
         pairs = zip(triple(patch_size, "patch_size"), target, strict=True)
-        return target, tuple(max(p, t + 2 * margin) for p, t in pairs)  # type: ignore[return-value]
+        return target, tuple(p if t <= p else t + 2 * margin for p, t in pairs)  # type: ignore[return-value]
     return target, triple(context_size, "context_size")
 
 

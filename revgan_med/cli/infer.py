@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--context-size", type=_edges, default=None, metavar="C|X,Y,Z",
-        help="context window, one edge or per axis (default: target + the network's receptive margin)",
+        help="context window, one edge or per axis (default: the training patch with --target-size, else the"
+        " target plus the network's receptive radius on each side)",
     )  # fmt: skip
     parser.add_argument(
         "--batch-size",
