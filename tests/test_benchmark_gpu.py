@@ -27,9 +27,11 @@ def test_failed_rows_fail_the_check():
 def test_the_whole_check_runs_on_the_cpu_with_tiny_sizes(capsys):
     from revgan_med.cli import main
 
-    code = main(["benchmark", "gpu", "--device", "cpu", "--infer-shape", "40,40,12", "--amp-steps", "2"])
+    # the kill + resume row takes minutes on a shared CPU; test_train_loop kills and resumes a run too
+    code = main(["benchmark", "gpu", "--device", "cpu", "--infer-shape", "40,40,12", "--amp-steps", "2",
+                 "--skip", "resume"])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0, out
-    for check in ("memory", "amp", "resume", "torchrun", "infer"):
+    for check in ("memory", "amp", "torchrun", "infer"):
         assert check in out
     assert "skipped: CUDA only" in out and "all checks passed" in out

@@ -155,29 +155,34 @@ def _amp(device: Any, pair: Path | None, steps: int) -> tuple[dict[str, Any], An
     return _row("amp", ok, value, f"{amp_dtype(device)} vs float32, body of {source}"), model
 
 
-def _tiny_run(work: Path, device: Any) -> tuple[Path, list[str]]:
-    """A tiny kernel datalist and the `revgan-med train` command line of a 30-step run on it."""
+def _tiny_run(work: Path, device: Any) -> list[str]:
+    """A tiny kernel datalist and the ``--config`` arguments of a 30-step `revgan-med train` run on it."""
     import json
 
     import numpy as np
 
+    from revgan_med.config import config_from_dict, save_config
     from revgan_med.data.phantom import make_phantom
     from revgan_med.io import save_volume
 
+    work.mkdir(parents=True, exist_ok=True)
     entries = []
     for i in range(2):
-        hu, affine = make_phantom((32, 32, 32), seed=i, kernel="smooth")
-        sharp, _ = make_phantom((32, 32, 32), seed=i, kernel="sharp")
-        for name, v in (("smooth", hu), ("sharp", sharp)):
-            save_volume(np.asarray(v, np.float32), affine, work / f"case{i}" / f"{name}.nii.gz")
+        for kernel in ("smooth", "sharp"):
+            hu, affine = make_phantom((32, 32, 32), seed=i, kernel=kernel)
+            save_volume(np.asarray(hu, np.float32), affine, work / f"case{i}" / f"{kernel}.nii.gz")
         entries.append({"image": f"case{i}/smooth.nii.gz", "target": f"case{i}/sharp.nii.gz"})
     datalist = work / "datalist.json"
     datalist.write_text(json.dumps({"training": entries, "validation": entries[:1]}))
-    sets = ["task=ct-kernel", f"data.datalist={datalist}", "data.window=nlst", "data.patch_size=[24,24,24]",
-            "data.num_workers=0", "model.generator=rev_resnet3d", "model.width=4", "model.depth=2",
-            "model.disc_width=4", "train.steps=30", "train.checkpoint_every=10", "train.val_every=30",
-            "train.decay_start=15", f"train.device={device}"]  # fmt: skip
-    return datalist, [arg for s in sets for arg in ("--set", s)]
+    config = config_from_dict({
+        "task": "ct-kernel",
+        "data": {"datalist": str(datalist), "window": "nlst", "patch_size": [24, 24, 24], "num_workers": 0},
+        "model": {"generator": "rev_resnet3d", "width": 4, "depth": 2, "disc_width": 4},
+        "train": {"steps": 30, "checkpoint_every": 10, "val_every": 30, "decay_start": 15,
+                  "device": str(device)},
+    })  # fmt: skip
+    save_config(config, work / "config.yaml")
+    return ["--config", str(work / "config.yaml")]
 
 
 def _train_cmd(*extra: str) -> list[str]:
@@ -189,10 +194,10 @@ def _resume(device: Any, work: Path) -> dict[str, Any]:
 
     from revgan_med.training.checkpoint import load_checkpoint
 
-    _, sets = _tiny_run(work, device)
+    sets = _tiny_run(work, device)
     run, straight = work / "killed", work / "straight"
     process = subprocess.Popen(_train_cmd("--output", str(run), *sets), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)  # fmt: skip
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
     last = run / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 300
     while process.poll() is None and not last.is_file() and time.monotonic() < deadline:
@@ -214,8 +219,7 @@ def _resume(device: Any, work: Path) -> dict[str, Any]:
 
 
 def _torchrun(device: Any, work: Path) -> dict[str, Any]:
-    _, sets = _tiny_run(work, device)
-    sets = [s.replace("train.steps=30", "train.steps=4") for s in sets]
+    sets = [*_tiny_run(work, device), "--set", "train.steps=4"]
     backends = ["nccl", "gloo"] if device.type == "cuda" else ["gloo"]
     notes = []
     for backend in backends:
