@@ -174,3 +174,19 @@ def test_persistent_loader_workers_see_the_new_epoch(tmp_path):
         expected = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
         assert torch.equal(seen[epoch], expected)
     assert not torch.equal(seen[0], seen[1])
+
+
+def test_train_takes_timeout_and_backend_from_the_config(tmp_path, monkeypatch):
+    from revgan_med.training import loop
+
+    seen = {}
+
+    def joined(device, **kwargs):
+        seen.update(device=device, **kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(loop, "init_distributed", joined)
+    config = tiny_config(tmp_path / "datalist.json", "train.dist_timeout_s=7", "train.dist_backend=gloo")
+    with pytest.raises(RuntimeError, match="stop here"):
+        loop.train(config, tmp_path / "run")
+    assert seen == {"device": "cpu", "timeout_s": 7.0, "backend": "gloo"}
