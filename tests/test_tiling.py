@@ -74,3 +74,30 @@ def test_window_edges_refuse_other_forms(text):
 
     with pytest.raises(argparse.ArgumentTypeError, match="X,Y,Z"):
         _edges(text)
+
+
+def test_infer_defaults_to_auto_windows_and_stays_seamless(monkeypatch):
+    """Through `infer_volume` with no window settings: a 3³ filter (radius 1) split into several auto
+    windows (small budget) equals the filter over the whole replicate-padded volume, in HU."""
+    import numpy as np
+
+    from revgan_med import tiling
+    from revgan_med.data.transforms import CTWindow
+    from revgan_med.inference import Model, infer_volume
+
+    class Smooth(torch.nn.Module):
+        def forward(self, v: torch.Tensor) -> torch.Tensor:
+            return F.avg_pool3d(F.pad(v, [1] * 6, mode="replicate"), 3, stride=1)
+
+        inverse = forward
+
+    monkeypatch.setitem(tiling.window_sizes.__kwdefaults__, "max_voxels", 12**3)
+    window = CTWindow(-1000.0, 1000.0)
+    hu = np.random.default_rng(0).uniform(-900, 900, (21, 17, 13)).astype(np.float32)
+    model = Model(Smooth(), "ct-kernel", window.to_dict(), (16, 16, 16), margin=1)
+    totals = set()
+    out = infer_volume(model, hu, np.eye(4), progress=lambda done, total: totals.add(total)).array
+    assert totals == {2 * 2 * 2}  # auto windows: (11, 9, 7) targets in (13, 11, 9) contexts
+    x = torch.from_numpy(window.normalize(hu))[None, None]
+    expected = window.denormalize(Smooth()(x)[0, 0].numpy())
+    np.testing.assert_allclose(out, expected, atol=1e-3)
