@@ -36,11 +36,7 @@ import torch
 from _pairs import (
     SHARED_DATA,
     add_training_run_arguments,
-    build,
-    cut,
-    fit,
     psnr_hu,
-    random_origin,
     translate,
 )
 
@@ -48,8 +44,9 @@ from revgan_med.benchmarks import write_json
 from revgan_med.data.degradation import simulate_kernel_pair, thick_slice, upsample_to_hr
 from revgan_med.data.misalign import misalign_pair
 from revgan_med.data.transforms import CTWindow
-from revgan_med.inference import resolve_device
 from revgan_med.io import load_volume
+from revgan_med.runtime import resolve_device
+from revgan_med.training.quickfit import build, cut, fit, random_origin
 
 DEFAULT_SCAN = SHARED_DATA / "ct_chest_1p5mm" / "chest_ct.nii.gz"
 OBJECTIVES = ("paired", "reggan")

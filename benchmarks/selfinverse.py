@@ -36,19 +36,16 @@ import torch
 from _pairs import (
     SHARED_DATA,
     add_training_run_arguments,
-    build,
-    cut,
-    fit,
     load_windowed,
     parameter_count,
     psnr_hu,
-    random_origin,
 )
 from _pairs import translate as apply
 
 from revgan_med.benchmarks import write_json
 from revgan_med.data.transforms import CTWindow
-from revgan_med.inference import resolve_device
+from revgan_med.runtime import resolve_device
+from revgan_med.training.quickfit import build, cut, fit, random_origin
 
 DEFAULT_PAIR = SHARED_DATA / "ct_kernel_pair_philips_B_L"
 

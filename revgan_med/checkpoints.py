@@ -15,6 +15,7 @@ of tensors and plain data (loadable with ``weights_only=True``):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from revgan_med.io.atomic import atomic_path
 from revgan_med.networks import build_generator
 from revgan_med.networks.selfinverse import SelfInverseGenerator
 from revgan_med.tasks import TASK_CHANNELS, TaskSpec
+from revgan_med.tiling import DEFAULT_MARGIN
 
 FORMAT = "revgan-med-checkpoint"
 FORMAT_VERSION = 1
@@ -134,7 +136,9 @@ class Model:
     """A generator plus everything inference needs from its checkpoint.
 
     `generator` has ``forward`` (X→Y) and ``inverse`` (Y→X) on (B, C, X, Y, Z) in network units;
-    `intensity` is the mapping's ``to_dict()``; `patch_size` the training patch (default context).
+    `intensity` is the mapping's ``to_dict()``; `patch_size` the training patch; `target_size` /
+    `context_size` the checkpoint's windows (None: `revgan_med.tiling.window_sizes`); `margin` the
+    generator's receptive radius, kept around every target window.
     """
 
     generator: torch.nn.Module
@@ -143,7 +147,9 @@ class Model:
     patch_size: tuple[int, int, int]
     factors: tuple[int, int, int] = (1, 1, 1)
     upsample: str = "nearest"
-    target_size: int = 64
+    target_size: int | Sequence[int] | None = None
+    context_size: int | Sequence[int] | None = None
+    margin: int = DEFAULT_MARGIN
     batch_size: int = 1
     name: str = "model"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -154,6 +160,7 @@ def model_from_checkpoint(payload: dict[str, Any], device: torch.device) -> Mode
     factors, upsampling and patch come from the checkpoint's spec."""
     generator, config = generator_from_checkpoint(payload, device)
     spec = checkpoint_spec(payload)
+    radius = getattr(generator, "receptive_radius", None)
     return Model(
         generator=generator,
         task=spec.task,
@@ -162,6 +169,8 @@ def model_from_checkpoint(payload: dict[str, Any], device: torch.device) -> Mode
         factors=spec.factors,
         upsample=spec.upsample,
         target_size=config.infer.target_size,
+        context_size=config.infer.context_size,
+        margin=radius() if radius is not None else DEFAULT_MARGIN,
         batch_size=config.infer.batch_size,
         name=f"{config.model.generator} {spec.task}",
         device=device,

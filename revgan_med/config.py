@@ -80,13 +80,17 @@ class TrainConfig:
     linear_fit_batches: int = 32  # paired data: least-squares start of model.linear_kernel's paths
     amp: bool = False
     seed: int = 0
-    device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, ... (torchrun: a bare cuda means this rank's GPU)
+    dist_timeout_s: float = 1800.0  # torchrun: limit of every collective (ranks wait while rank 0 validates)
+    dist_backend: str = field(default="auto", metadata=_choices("auto", "nccl", "gloo"))  # auto: nccl on CUDA
 
 
 @dataclass
 class InferConfig:
-    target_size: int = 64
-    context_size: int | None = None  # None = training patch size
+    # window edges, one for all axes or [x, y, z]; both None = as large as a voxel budget allows
+    # (about one pass of the network); a target alone gets the training patch as context
+    target_size: int | list[int] | None = None
+    context_size: int | list[int] | None = None
     batch_size: int = 1
 
 

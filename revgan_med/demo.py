@@ -30,10 +30,11 @@ from revgan_med.data.degradation import thick_slice
 from revgan_med.data.phantom import make_phantom
 from revgan_med.data.preprocess import preprocess
 from revgan_med.evaluation import evaluate_volumes, write_csv
-from revgan_med.inference import load_model, resolve_device
+from revgan_med.inference import load_model
 from revgan_med.inference_files import infer_path
 from revgan_med.io import save_volume
 from revgan_med.io.atomic import atomic_path, atomic_write_text
+from revgan_med.runtime import resolve_device
 from revgan_med.tasks import DEFAULT_FACTORS
 from revgan_med.training.loop import train
 

@@ -2,14 +2,14 @@
 
 `load_model` rebuilds a checkpoint's generator (`revgan_med.checkpoints`); `infer_volume` translates one
 volume in scanner units; reading and writing files, folders and shards is `revgan_med.inference_files`.
-Each target window (default 64³) is predicted from a context window centred on it (default the
-training patch size, so InstanceNorm statistics match training); only the centres are kept, so
-every voxel is predicted exactly once and there are no seams.
+Each target window is predicted from a context window centred on it (`revgan_med.tiling`); only
+the centres are kept, so every voxel is predicted exactly once and there are no seams. By default
+the windows are as large as a voxel budget allows, with the generator's receptive radius as margin,
+so a scan costs about one pass of the network.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,129 +17,24 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from monai.data.utils import dense_patch_slices
 
 from revgan_med.checkpoints import Model, load_checkpoint, model_from_checkpoint, require_keys
 from revgan_med.data.degradation import thick_slice, upsample_to_hr
 from revgan_med.data.transforms import CTWindow, DTIScale, intensity_from_dict
+from revgan_med.runtime import resolve_device
 from revgan_med.tasks import TASK_CHANNELS
-
-Predictor = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _triple(value: int | Sequence[int], name: str) -> tuple[int, int, int]:
-    values = (value,) * 3 if isinstance(value, int) else tuple(int(v) for v in value)
-    if len(values) != 3 or min(values) < 1:
-        raise ValueError(f"{name} must be a positive int or three positive ints, got {value!r}")
-    return values  # type: ignore[return-value]
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"``/None → CUDA when available, else CPU; anything else as given."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    if not amp:
-        return contextlib.nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def window_grid(
-    spatial_shape: Sequence[int], *, target_size: Sequence[int], context_size: Sequence[int]
-) -> tuple[list[tuple[int, int]], list[tuple[slice, ...]]]:
-    """Padding and context-window slices that tile `spatial_shape` with centred target windows.
-
-    Returns ``(pad, windows)``: ``pad[d] = (before, after)`` for each spatial axis, and one tuple of
-    context slices per window into the padded volume. Window ``k`` along an axis starts at
-    ``k * target`` in padded coordinates, so its centre ``[k*t + before, (k+1)*t + before)`` is the
-    ``k``-th target tile of the original volume.
-    """
-    pad, padded = [], []
-    for size, t, c in zip(spatial_shape, target_size, context_size, strict=True):
-        before = (c - t) // 2
-        tiles = -(-size // t)  # ceil: the last tile may stick out; its excess is cropped away
-        after = tiles * t + (c - t) - before - size
-        pad.append((before, after))
-        padded.append(size + before + after)
-    return pad, dense_patch_slices(padded, list(context_size), list(target_size))
-
-
-def sliding_window_predict(
-    fn: Predictor,
-    volume: torch.Tensor,
-    *,
-    target_size: int | Sequence[int] = 64,
-    context_size: int | Sequence[int] = 128,
-    batch_size: int = 1,
-    device: str | torch.device | None = None,
-    amp: bool = False,
-    padding_mode: str = "replicate",
-    channels_last: bool = False,
-) -> torch.Tensor:
-    """Apply `fn` to `volume` (B, C, X, Y, Z) window by window; returns (B, C', X, Y, Z) float32.
-
-    `fn` maps a batch of context windows (N, C, *context) to (N, C', *context). Each target window
-    is cut from the centre of its context window's prediction, so every voxel is predicted once,
-    from a context centred on it. Borders are padded with `padding_mode` — ``replicate`` by default
-    because it works for any size (``reflect`` needs the padding to be smaller than the axis, which
-    fails for a 20-slice volume under a 128³ context) and extends the scan's edge (air, table) as
-    the scanner would rather than mirroring anatomy. `device` runs `fn` (None: the volume's device);
-    the result stays on the volume's device, so only one batch of windows lives on the accelerator.
-
-    Ours rather than MONAI's `sliding_window_inference`: MONAI blends every overlapping window with
-    its importance map, so "64 in 128" through a near-zero `roi_weight_map` is only approximately the
-    centre prediction and accumulates 8× the voxels into a full-size buffer plus a count map; here
-    each window writes its centre once. The window grid is MONAI's `dense_patch_slices`.
-    """
-    if volume.ndim != 5:
-        raise ValueError(f"volume must be (B, C, X, Y, Z), got shape {tuple(volume.shape)}")
-    target, context = _triple(target_size, "target_size"), _triple(context_size, "context_size")
-    if any(t > c for t, c in zip(target, context, strict=True)):
-        raise ValueError(f"target_size {target} must not exceed context_size {context}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    run_device = resolve_device(device) if device is not None else volume.device
-    spatial = tuple(volume.shape[2:])
-    pad, windows = window_grid(spatial, target_size=target, context_size=context)
-    flat_pad = [p for before_after in reversed(pad) for p in before_after]  # F.pad wants last axis first
-    padded = F.pad(volume.float(), flat_pad, mode=padding_mode)
-    jobs = [(b, w) for b in range(volume.shape[0]) for w in windows]
-    centre = tuple(slice(before, before + t) for (before, _), t in zip(pad, target, strict=True))
-    memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
-    out: torch.Tensor | None = None
-    with torch.inference_mode(), _autocast(run_device, amp):
-        for first in range(0, len(jobs), batch_size):
-            chunk = jobs[first : first + batch_size]
-            batch = torch.stack([padded[(b, slice(None), *w)] for b, w in chunk])
-            pred = fn(batch.to(run_device).contiguous(memory_format=memory_format))
-            if tuple(pred.shape[2:]) != context or pred.shape[0] != len(chunk):
-                raise ValueError(
-                    f"predictor returned shape {tuple(pred.shape)} for windows {tuple(batch.shape)}; "
-                    "it must keep the batch and spatial size"
-                )
-            if out is None:
-                out = volume.new_empty((volume.shape[0], pred.shape[1], *spatial), dtype=torch.float32)
-            centres = pred[(slice(None), slice(None), *centre)].float().to(out.device)
-            for (b, w), tile in zip(chunk, centres, strict=True):
-                # padded window start k*t is the original tile start; the last tile is cropped to the volume
-                size = [min(t, n - s.start) for s, t, n in zip(w, target, spatial, strict=True)]
-                dst = tuple(slice(s.start, s.start + m) for s, m in zip(w, size, strict=True))
-                out[(b, slice(None), *dst)] = tile[(slice(None), *(slice(0, m) for m in size))]
-    assert out is not None  # at least one window always exists
-    return out
+from revgan_med.tiling import sliding_window_predict, window_sizes
 
 
 def load_model(checkpoint: str | Path, *, device: str | torch.device | None = "auto") -> Model:
     """Read a checkpoint (``weights_only``) and rebuild its generator on `device` in eval mode."""
+    run_device = resolve_device(device)
+    if run_device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every window has the same shape: tune the kernels once
     payload = load_checkpoint(checkpoint)
     try:
         require_keys(payload)
-        return model_from_checkpoint(payload, resolve_device(device))
+        return model_from_checkpoint(payload, run_device)
     except ValueError as exc:  # missing keys, invalid config, weights that do not fit: name the file
         raise ValueError(f"{checkpoint}: {exc}") from None
 
@@ -185,6 +80,7 @@ def infer_volume(
     keep_out_of_window: bool = True,
     consistency: bool = False,
     channels_last: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> InferenceResult:
     """Translate one volume (x, y, z[, c]) in scanner units; returns the output in scanner units.
 
@@ -194,9 +90,9 @@ def infer_volume(
     model's inverse runs on the HR input and the result is block-averaged by ``thick_slice`` onto the
     LR grid — the same degradation the training pairs were made with. CT voxels whose input lies
     outside the training window (bone, metal, air below it) keep the input value when
-    `keep_out_of_window` (the model only saw clipped values there). Context defaults to the training
-    patch, target to the checkpoint's `infer.target_size` capped at half the context, batch size to
-    the checkpoint's `infer.batch_size`.
+    `keep_out_of_window` (the model only saw clipped values there). Windows default to the
+    checkpoint's (`window_sizes`), batch size to its `infer.batch_size`; `progress(done, total)`
+    is called after every batch of windows.
     """
     if direction not in ("forward", "inverse"):
         raise ValueError(f"direction {direction!r}: expected forward or inverse")
@@ -212,12 +108,14 @@ def infer_volume(
     mapping = intensity_from_dict(model.intensity)
     if isinstance(mapping, DTIScale) and mapping.scales is None:
         mapping = mapping.fit(grid)  # dMRI scales come from the input itself, as in training
-    context = _triple(context_size if context_size is not None else model.patch_size, "context_size")
-    if target_size is None:
-        target_size = min(model.target_size, *(max(1, c // 2) for c in context))
+    target, context = window_sizes(
+        grid.shape[:3], patch_size=model.patch_size, margin=model.margin,
+        target_size=model.target_size if target_size is None else target_size,
+        context_size=model.context_size if context_size is None else context_size,
+    )  # fmt: skip
     batch_size = model.batch_size if batch_size is None else batch_size
-    sw: dict[str, Any] = {"target_size": target_size, "context_size": context, "batch_size": batch_size}
-    sw.update(device=model.device, amp=amp, channels_last=channels_last)
+    sw: dict[str, Any] = {"target_size": target, "context_size": context, "batch_size": batch_size}
+    sw.update(device=model.device, amp=amp, channels_last=channels_last, progress=progress)
     step, back = model.generator, model.generator.inverse
     if direction == "inverse":
         step, back = back, step

@@ -8,6 +8,7 @@ failing scan is reported while the others go on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,20 @@ def infer_path(
     return consistency_summary(result.consistency)
 
 
+def _window_bar() -> Callable[[int, int], None]:
+    """A `progress(done, total)` callback drawing a per-window bar (created at the first call)."""
+    bar: list[tqdm] = []
+
+    def update(done: int, total: int) -> None:
+        if not bar or bar[0].total != total or done <= bar[0].n:  # a new pass (consistency runs two)
+            bar[:] = [tqdm(total=total, desc="infer", unit="window", leave=False)]
+        bar[0].update(done - bar[0].n)
+        if done == total:
+            bar[0].close()
+
+    return update
+
+
 @dataclass
 class BatchReport:
     """A folder run: (input, output, consistency summary) per success, (input, message) per failure."""
@@ -140,6 +155,8 @@ def infer_inputs(
             cmap = None if consistency_map is None else Path(consistency_map) / f"{ref.name}.nii.gz"
         jobs.append((ref, out, cmap))
     report = BatchReport()
+    if single and progress and "progress" not in options:
+        options["progress"] = _window_bar()  # one scan: show its windows instead
     for ref, out, cmap in tqdm(jobs, desc="infer", unit="scan", disable=not progress or single):
         try:
             summary = infer_path(

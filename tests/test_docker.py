@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import re
 import shlex
@@ -87,7 +88,8 @@ def test_hadolint_catches_a_bad_dockerfile(tmp_path):
 
 def test_base_image_is_a_pinned_cuda_pytorch():
     base = next(rest for kw, rest in _instructions() if kw == "ARG" and rest.startswith("BASE_IMAGE="))
-    image = base.split("=", 1)[1]
+    pin = next(rest for kw, rest in _instructions() if kw == "ARG" and rest.startswith("TORCH_VERSION="))
+    image = base.split("=", 1)[1].replace("${TORCH_VERSION}", pin.split("=", 1)[1])
     name, _, tag = image.partition(":")
     assert name == "pytorch/pytorch"
     assert re.fullmatch(r"\d+\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-runtime", tag), tag
@@ -97,7 +99,7 @@ def test_base_image_is_a_pinned_cuda_pytorch():
 def test_entrypoint_healthcheck_user_and_data_mount():
     assert _one("ENTRYPOINT") == '["revgan-med"]'
     health = _one("HEALTHCHECK")
-    assert health.endswith('CMD ["revgan-med", "--version"]')
+    assert health.endswith('CMD ["python", "-c", "import torch, revgan_med"]')
     user = _one("USER")
     assert user.split(":")[0] not in ("root", "0")
     assert _one("VOLUME") == '["/data"]'
@@ -106,10 +108,25 @@ def test_entrypoint_healthcheck_user_and_data_mount():
 
 
 def test_healthcheck_command_works_outside_the_container():
-    exe = Path(sysconfig.get_path("scripts")) / "revgan-med"
-    result = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0
-    assert result.stdout.startswith("revgan-med ")
+    command = json.loads(_one("HEALTHCHECK").split("CMD", 1)[1])
+    result = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_image_torch_is_the_torch_the_tests_run_on():
+    """One torch version: the Dockerfile's, scripts/setup_env.sh's default, and this environment's."""
+    import torch
+
+    pinned = re.search(r"^ARG TORCH_VERSION=(\S+)$", DOCKERFILE.read_text(), re.M).group(1)
+    setup = re.search(r"TORCH_VERSION:-([^}]+)}", (ROOT / "scripts" / "setup_env.sh").read_text()).group(1)
+    assert pinned == setup == torch.__version__.split("+")[0]
+    base = next(rest for kw, rest in _instructions() if kw == "ARG" and rest.startswith("BASE_IMAGE="))
+    assert base.split(":", 1)[1].startswith("${TORCH_VERSION}-")
+    run = next(rest for kw, rest in _instructions() if kw == "RUN" and "constraint" in rest)
+    check = next(part for part in run.split("&&") if "TORCH_VERSION" in part)
+    for version, code in ((pinned, 0), ("0.0.1", 1)):  # the build stops on a base image with another torch
+        argv = shlex.split(check.replace("${TORCH_VERSION}", version))
+        assert subprocess.run([sys.executable, *argv[1:]], capture_output=True).returncode == code
 
 
 def test_torch_constraint_keeps_the_installed_torch(tmp_path):

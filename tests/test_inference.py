@@ -12,10 +12,11 @@ import torch.nn.functional as F
 
 from revgan_med.checkpoints import Model
 from revgan_med.data.degradation import thick_slice
-from revgan_med.inference import consistency_summary, infer_volume, sliding_window_predict
+from revgan_med.inference import consistency_summary, infer_volume
 from revgan_med.inference_files import infer_inputs, infer_path
 from revgan_med.io import load_volume, save_volume
 from revgan_med.sharding import parse_shard, shard_items
+from revgan_med.tiling import sliding_window_predict
 
 WINDOW = {"kind": "ct-window", "window": [-1150.0, 350.0]}
 

@@ -23,7 +23,8 @@ LAYERS = (
     ("revgan_med.networks", "revgan_med.data"),
     ("revgan_med.config",),
     ("revgan_med.io",),
-    ("revgan_med.tasks", "revgan_med.registry", "revgan_med.sharding"),
+    ("revgan_med.tasks", "revgan_med.registry", "revgan_med.sharding", "revgan_med.runtime",
+     "revgan_med.tiling"),
 )
 
 

@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="timed steps after the measuring step; 0 times the measuring step (default: 1)",
     )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads per run (0: torch default)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
 
 
@@ -93,6 +93,8 @@ def run_benchmark(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run every (variant, depth) in a fresh subprocess plus the core check; return plain data."""
+    from revgan_med.runtime import resolve_device
+
     if not depths or min(depths) < 1 or size < 4 or width < 2 or width % 2 or repeats < 0:
         raise ValueError("benchmark memory: need depths >= 1, size >= 4, an even width >= 2, repeats >= 0")
     common = {
@@ -101,7 +103,7 @@ def run_benchmark(
         "generator": generator,
         "disc_width": disc_width,
         "threads": threads,
-        "device": str(_device(device)),
+        "device": str(resolve_device(device)),
     }
     variants = [v for v in VARIANTS if v != "memcnn" or _memcnn_available()]
     runs, failures = [], []
@@ -312,8 +314,9 @@ def _step(spec: dict[str, Any]) -> dict[str, Any]:
     import torch.nn.functional as F
 
     from revgan_med.networks import build_discriminator
+    from revgan_med.runtime import resolve_device
 
-    device = _device(spec["device"])
+    device = resolve_device(spec["device"])
     torch.manual_seed(0)
     gen = _generator(spec, memory_saving=spec["variant"] == "memory-saving")
     if spec["variant"] == "memcnn":
@@ -381,8 +384,9 @@ def _check(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from revgan_med.networks import init_weights
+    from revgan_med.runtime import resolve_device
 
-    device = _device(spec["device"])
+    device = resolve_device(spec["device"])
     torch.manual_seed(0)
 
     def core(saving: bool, dtype: torch.dtype) -> Any:
@@ -432,14 +436,6 @@ def _check(spec: dict[str, Any]) -> dict[str, Any]:
         # MemCNN registers Gm before Fm: read the gradients in our parameter order
         out["memcnn_param_grad_rel"] = rel(run(_memcnn_core(plain.blocks), torch.float32, plain)[2], gpb)
     return out
-
-
-def _device(name: str) -> Any:
-    import torch
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def _worker(spec: dict[str, Any]) -> None:

@@ -37,16 +37,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("forward", "inverse"),
         help="forward: X→Y (LR→HR, source→target kernel); inverse: Y→X (default: %(default)s)",
     )
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto")
     parser.add_argument(
-        "--target-size",
-        type=int,
-        default=None,
-        help="target window edge (default: checkpoint infer.target_size)",
+        "--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto: a GPU if there is one)"
     )
     parser.add_argument(
-        "--context-size", type=int, default=None, help="context window edge (default: training patch size)"
-    )
+        "--target-size", type=_edges, default=None, metavar="T|X,Y,Z",
+        help="target window, one edge or per axis, e.g. 64,64,8 (default: the checkpoint's infer.target_size;"
+        " none: windows as large as fit, about one pass of the network)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--context-size", type=_edges, default=None, metavar="C|X,Y,Z",
+        help="context window, one edge or per axis (default: the training patch with --target-size, else the"
+        " target plus the network's receptive radius on each side)",
+    )  # fmt: skip
     parser.add_argument(
         "--batch-size",
         type=int,
@@ -54,8 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="windows per forward pass (default: checkpoint infer.batch_size)",
     )
     parser.add_argument(
-        "--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)"
-    )
+        "--amp", action="store_true",
+        help="mixed precision for the learned body (bfloat16 on CPU and Ampere+ GPUs, else float16)",
+    )  # fmt: skip
     parser.add_argument("--output-format", default="nifti", choices=("nifti", "dicom"), help="default: nifti")
     parser.add_argument(
         "--consistency-map", help="write |G(F(x)) - x| per voxel (NIfTI) and print its summary"
@@ -69,6 +73,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="voxels outside the training window keep the input's value (default: on)",
     )
+
+
+def _edges(text: str) -> int | list[int]:
+    """``64`` or ``64,64,8`` → a window edge for all axes or one per axis."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected N or X,Y,Z positive integers") from None
+    if len(values) not in (1, 3) or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected N or X,Y,Z positive integers")
+    return values[0] if len(values) == 1 else values
 
 
 def run(args: argparse.Namespace) -> int:

@@ -124,6 +124,14 @@ class _LoadPadded(Transform):
         return c
 
 
+def shard_cases(cases: Sequence[dict], rank: int, world_size: int) -> list[dict]:
+    """Rank `rank`'s share of `cases` (every `world_size`-th, from `rank`), wrapping round so that every
+    rank holds ceil(n / world_size) cases: each process caches only its share, and equal shares keep
+    the ranks' epochs (and a resumed data position) in step."""
+    per_rank = -(-len(cases) // world_size)
+    return [cases[(rank + k * world_size) % len(cases)] for k in range(per_rank)]
+
+
 class PatchDataset(Dataset):
     """Random patches for training: ``{"image": (C, D, H, W), "target": (C, D, H, W)}`` float tensors.
 
@@ -161,15 +169,21 @@ class PatchDataset(Dataset):
         self.patch_size = tuple(int(p) for p in patch_size)
         self.samples_per_volume = int(samples_per_volume)
         self.foreground_fraction = float(foreground_fraction)
-        self.paired, self.seed, self.epoch = paired, int(seed), 0
+        self.paired, self.seed = paired, int(seed)
+        # shared memory: persistent loader workers see `set_epoch` without being re-forked
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         load = _LoadPadded(self.patch_size, task=task, intensity_or_window=intensity_or_window,
                            factors=factors, upsample=upsample)  # fmt: skip
         self.cases = CacheDataset(
             list(cases), transform=load, num_workers=num_workers or None, progress=False, copy_cache=False
         )
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        self._epoch.fill_(int(epoch))
 
     def __len__(self) -> int:
         return len(self.cases) * self.samples_per_volume

@@ -11,6 +11,7 @@ thesis uses throughout.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from revgan_med.networks.coupling import AdditiveCoupling, ReversibleSequence
 from revgan_med.networks.linear import LinearPath
 from revgan_med.registry import Registry
+from revgan_med.runtime import float32_island
 
 GENERATORS = Registry("generator")
 
@@ -135,12 +137,35 @@ class Generator(nn.Module):
         self.lin_y, self.lin_x = lin_y, lin_x  # registered in this order, as checkpoints list them
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self._translate(x, self.enc_x, self.core.forward, self.dec_y)
-        return out + self.linear_part(x, inverse=False)
+        return self._combine(x, self._translate(x, self.enc_x, self.core.forward, self.dec_y), inverse=False)
 
     def inverse(self, y: Tensor) -> Tensor:
-        out = self._translate(y, self.enc_y, self.core.inverse, self.dec_x)
-        return out + self.linear_part(y, inverse=True)
+        return self._combine(y, self._translate(y, self.enc_y, self.core.inverse, self.dec_x), inverse=True)
+
+    def _combine(self, v: Tensor, body: Tensor, *, inverse: bool) -> Tensor:
+        """Body output plus the input (`residual`) and the linear path, these in true float32: under
+        autocast only the learned body runs in low precision (`revgan_med.runtime`)."""
+        with float32_island(v.device.type):
+            v = v.float()
+            out = body.float() + v if self.residual else body.float()
+            return out + self.linear_part(v, inverse=inverse)
+
+    def receptive_radius(self) -> int:
+        """Input voxels on each side that one output voxel of `forward` sees through the convolutions
+        (InstanceNorm aside, whose statistics span the whole window): the margin a tiled prediction
+        needs around each target window to equal the whole-volume one away from its statistics."""
+        core = self.core.xy if isinstance(self.core, SeparateCores) else self.core
+        paths = [self.lin_y] if self.lin_y is not None else []
+        radius, scale = 0.0, 1.0
+        for module in (m for part in (self.enc_x, core, self.dec_y) for m in part.modules()):
+            if isinstance(module, nn.ConvTranspose3d):
+                scale /= module.stride[0]
+                radius += (max(module.kernel_size) - 1) / 2 * scale
+            elif isinstance(module, nn.Conv3d):
+                radius += (max(module.kernel_size) - 1) / 2 * scale
+                scale *= module.stride[0]
+        lin = max((max(p.kernel_size) - 1) // 2 for p in paths) if paths else 0
+        return max(math.ceil(radius), lin) + self.multiple - 1
 
     def linear_part(self, v: Tensor, *, inverse: bool) -> Tensor | float:
         """What the linear path adds to the output of a direction (0 without paths)."""
@@ -155,8 +180,7 @@ class Generator(nn.Module):
         size = v.shape[2:]
         pad = [max(s + (-s) % self.multiple, self.min_size) - s for s in size]
         padded = F.pad(v, (0, pad[2], 0, pad[1], 0, pad[0]), mode="replicate") if any(pad) else v
-        out = dec(core(enc(padded)))[..., : size[0], : size[1], : size[2]]
-        return v + out if self.residual else out
+        return dec(core(enc(padded)))[..., : size[0], : size[1], : size[2]]
 
 
 def _conv(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Conv3d:

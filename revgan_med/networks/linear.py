@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from revgan_med.runtime import float32_island
+
 
 class LinearPath(nn.Conv3d):
     """A learned linear filter from a generator's input to its output, zero until trained or `solve`d.
@@ -110,7 +112,8 @@ class DomainGate(nn.Module):
         return torch.stack([e0 - e1, e1 - e2, e0, torch.ones_like(e0)], dim=1)
 
     def forward(self, v: Tensor) -> Tensor:
-        return (self.features(v) @ self.weight > 0).view(-1, 1, 1, 1, 1)
+        with float32_island(v.device.type):  # a low-precision matmul could flip a close decision
+            return (self.features(v) @ self.weight.float() > 0).view(-1, 1, 1, 1, 1)
 
     @torch.no_grad()
     def fit(

@@ -18,6 +18,8 @@ from monai.networks.blocks import Warp
 from monai.networks.nets import LocalNet
 from torch import nn
 
+from revgan_med.runtime import float32_island
+
 __all__ = ["RegistrationNet", "smoothness_loss", "warp"]
 
 
@@ -71,17 +73,34 @@ class RegistrationNet(nn.Module):
         return field[:, :, : size[0], : size[1], : size[2]]
 
 
+class _Float32Warp(Warp):
+    """MONAI `Warp` whose cached reference grid follows the field's device and is always float32.
+
+    MONAI caches the grid by shape only, in the dtype and on the device of the first field it saw: a
+    bf16 grid holds coordinates 64–127 to 0.5 voxel, and a grid cached on one device breaks the next.
+    """
+
+    def get_reference_grid(self, ddf: torch.Tensor, jitter: bool = False, seed: int = 0) -> torch.Tensor:
+        grid = self.ref_grid
+        if grid is not None and (grid.device != ddf.device or grid.dtype != ddf.dtype):
+            self.ref_grid = None
+        return super().get_reference_grid(ddf, jitter=jitter, seed=seed)
+
+
 with warnings.catch_warnings():  # MONAI announces that it uses torch's grid_sample: expected, not a problem
     warnings.simplefilter("ignore", UserWarning)
-    _WARP = Warp(mode="bilinear", padding_mode="border")
+    _WARP = _Float32Warp(mode="bilinear", padding_mode="border")
 
 
 def warp(image: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
     """Resample `image` ``(B, C, X, Y, Z)`` at ``p + field(p)``; `field` ``(B, 3, X, Y, Z)`` in voxels.
 
-    Trilinear, with border values outside the volume; differentiable in both arguments.
+    Trilinear, with border values outside the volume; differentiable in both arguments. Grid and
+    sampling run in float32 whatever the autocast state (sub-voxel shifts need the mantissa); the
+    result is float32.
     """
-    return _WARP(image, field)
+    with float32_island(field.device.type):
+        return _WARP(image.float(), field.float())
 
 
 _DIFFUSION = DiffusionLoss(normalize=False, reduction="mean")

@@ -14,6 +14,7 @@ forward. One flat all-reduce per phase gives the same averaged gradients as DDP.
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import os
 from collections.abc import Iterable, Iterator
@@ -23,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, DistributedSampler
+
+from revgan_med.runtime import resolve_device
 
 
 @dataclass(frozen=True)
@@ -45,19 +48,16 @@ class DistributedContext:
         return self.world_size > 1
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """``auto`` → this rank's CUDA device when one is available, else the CPU."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"unknown device {device!r}; valid: auto, cpu, cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available")
-    if device == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
+def init_distributed(
+    device: str = "auto", *, timeout_s: float = 1800.0, backend: str = "auto"
+) -> DistributedContext:
+    """Join the process group described by torchrun's environment variables (a no-op without them).
 
-
-def init_distributed(device: str = "auto") -> DistributedContext:
-    """Join the process group described by torchrun's environment variables (a no-op without them)."""
+    `timeout_s` bounds every collective, barriers included: the other ranks wait in one while rank 0
+    validates whole volumes, which can outlast the backends' default (10 min for NCCL). `backend`
+    ``auto`` is nccl on CUDA and gloo on the CPU; gloo also reduces CUDA tensors, e.g. for several
+    ranks sharing one GPU, which NCCL refuses.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -66,7 +66,10 @@ def init_distributed(device: str = "auto") -> DistributedContext:
     if owns_group:
         if resolved.type == "cuda":
             torch.cuda.set_device(resolved)
-        dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
+        dist.init_process_group(
+            backend=("nccl" if resolved.type == "cuda" else "gloo") if backend == "auto" else backend,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
     return DistributedContext(rank, world_size, local_rank, resolved, owns_group=owns_group)
 
 

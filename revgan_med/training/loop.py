@@ -14,12 +14,11 @@ for bit); it is written atomically, so it is whole even when the process is kill
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import random
-import warnings
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +29,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from revgan_med.checkpoints import build_generator_from_config, load_checkpoint, save_checkpoint
 from revgan_med.config import Config, ConfigError, save_config
-from revgan_med.data.datasets import PatchDataset, load_datalist
+from revgan_med.data.datasets import PatchDataset, load_datalist, shard_cases
 from revgan_med.data.transforms import intensity_for_task
 from revgan_med.networks import build_discriminator
+from revgan_med.runtime import amp_dtype as runtime_amp_dtype
+from revgan_med.runtime import autocast, needs_grad_scaler
 from revgan_med.tasks import TASK_CHANNELS, TaskSpec, training_spec
 from revgan_med.training.distributed import (
     DistributedContext,
@@ -82,20 +83,6 @@ def lr_factor(step: int, *, steps: int, decay_start: int) -> float:
     return max(0.0, (steps - step) / max(1, steps - decay_start))
 
 
-def autocast_dtype(amp: bool, device: torch.device) -> torch.dtype | None:
-    """bf16 on CUDA devices that support it, else fp16 (with a GradScaler); None = full precision."""
-    if not amp:
-        return None
-    if device.type != "cuda":
-        warnings.warn("train.amp is ignored on the CPU: training in float32", stacklevel=2)
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
 def build_training_objective(config: Config) -> Objective:
     """The objective of `config` with its generator and discriminators (weights N(0, 0.02) per §4.3
     are the networks' own initialisation)."""
@@ -138,7 +125,7 @@ def update(
     for role in roles:
         optimizers[role].zero_grad(set_to_none=True)
     step = objective.generator_step if phase == "generator" else objective.discriminator_step
-    with _autocast(context.device, amp_dtype):
+    with autocast(context.device, amp_dtype):
         losses = step(batch)
     scaler.scale(losses["loss"]).backward()
     average_gradients([p for role in roles for p in modules[role].parameters()], context)
@@ -189,11 +176,13 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.T
 
 
 def _loader(dataset: Dataset, config: Config, context: DistributedContext) -> tuple[DataLoader, Any]:
-    if len(dataset) < context.world_size * config.train.batch_size:
+    """Batches of this rank's own dataset (`_training_dataset` holds only its share of the cases)."""
+    if len(dataset) < config.train.batch_size:
         raise ValueError(
             f"{config.data.datalist}: {len(dataset)} training samples are fewer than one batch per rank"
         )
-    sampler = ResumableDistributedSampler(dataset, context=context, seed=config.train.seed)
+    alone = dataclasses.replace(context, rank=0, world_size=1, owns_group=False)
+    sampler = ResumableDistributedSampler(dataset, context=alone, seed=config.train.seed + context.rank)
     workers = config.data.num_workers
     loader = DataLoader(
         dataset,
@@ -204,15 +193,17 @@ def _loader(dataset: Dataset, config: Config, context: DistributedContext) -> tu
         pin_memory=context.device.type == "cuda",
         worker_init_fn=_seed_worker,
         generator=torch.Generator().manual_seed(config.train.seed + context.rank),
-        persistent_workers=False,
+        persistent_workers=workers > 0,  # no re-fork per epoch; the epoch reaches workers in shared memory
     )
     return loader, sampler
 
 
-def _training_dataset(config: Config, intensity: Any) -> Dataset:
+def _training_dataset(config: Config, intensity: Any, context: DistributedContext) -> Dataset:
+    """This rank's share of the training cases, cached in memory (RAM per process, not × ranks)."""
     data = config.data
+    cases = shard_cases(load_datalist(data.datalist, "training"), context.rank, context.world_size)
     return PatchDataset(
-        load_datalist(data.datalist, "training"),
+        cases,
         task=config.task,
         intensity_or_window=intensity,
         patch_size=data.patch_size,
@@ -221,7 +212,7 @@ def _training_dataset(config: Config, intensity: Any) -> Dataset:
         factors=data.factors,
         upsample=data.upsample,
         paired=OBJECTIVES.get(config.objective).paired_data,
-        seed=config.train.seed,
+        seed=config.train.seed + 7919 * context.rank,  # ranks sharing a case draw other patches
         num_workers=data.num_workers,
     )
 
@@ -268,7 +259,9 @@ class _Checkpointer:
         }
 
     def restore(self, path: Path, context: DistributedContext) -> TrainState:
-        payload = load_checkpoint(path, map_location=context.device)
+        # to the CPU: RNG keys must stay CPU tensors and the image pools live there; load_state_dict
+        # copies weights and optimiser state onto the modules' device
+        payload = load_checkpoint(path, map_location="cpu")
         for role, module in self.objective.modules_by_role().items():
             module.load_state_dict(payload["models"][role])
         for role, optimizer in self.optimizers.items():
@@ -309,7 +302,8 @@ def train(config: Config, output_dir: str | Path, *, resume: bool = False) -> Pa
         )
     if resume:
         check_resume(config, last)
-    context = init_distributed(config.train.device)
+    t = config.train
+    context = init_distributed(t.device, timeout_s=t.dist_timeout_s, backend=t.dist_backend)
     try:
         with fresh_run_cleanup(run_dir, enabled=not resume and context.is_main):
             return _run(config, run_dir, resume=resume, context=context)
@@ -354,14 +348,14 @@ def _run(config: Config, run_dir: Path, *, resume: bool, context: DistributedCon
     objective = build_training_objective(config).to(device)
     broadcast_module(objective, context)
     optimizers, schedulers = build_optimisers(objective, config)
-    amp_dtype = autocast_dtype(t.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    amp_dtype = runtime_amp_dtype(device, t.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(amp_dtype))
     checkpointer = _Checkpointer(config, spec, objective, optimizers, schedulers, scaler, intensity)
     last, best = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
     state = checkpointer.restore(last, context) if resume else TrainState()
     if context.is_main:
         save_config(config, run_dir / "config.yaml")
-    dataset = _training_dataset(config, intensity)
+    dataset = _training_dataset(config, intensity, context)
     loader, sampler = _loader(dataset, config, context)
     validation = ValidationSet.from_config(config, intensity) if context.is_main else None
     logger = RunLogger(run_dir, start_step=state.step, total_steps=t.steps, enabled=context.is_main)

@@ -1,7 +1,7 @@
 """Validation during training: whole volumes through sliding-window inference, metrics in scanner units.
 
 The validation cases of the datalist are loaded once (input on the target grid, normalised). Each
-validation predicts every volume with `revgan_med.inference.sliding_window_predict` — the same
+validation predicts every volume with `revgan_med.tiling.sliding_window_predict` — the same
 windows `revgan-med infer` uses — maps prediction and target back to HU (or the dMRI scanner units)
 and reports the mean MAE / PSNR / SSIM over the cases (`revgan_med.evaluation.compute_metrics`):
 for CT inside the task's window, with the window width as data range (thesis ``000_*`` §5.4–5.5);
@@ -22,7 +22,7 @@ from revgan_med.config import Config
 from revgan_med.data.datasets import load_case, load_datalist
 from revgan_med.data.transforms import CTWindow
 from revgan_med.evaluation import compute_metrics
-from revgan_med.inference import sliding_window_predict
+from revgan_med.tiling import DEFAULT_MARGIN, sliding_window_predict, window_sizes
 from revgan_med.training.logging import RunLogger
 
 
@@ -36,23 +36,24 @@ class ValidationSet:
 
     Args:
         cases: `revgan_med.data.datasets.load_case` results (``image``/``target`` as (C, X, Y, Z)).
-        context_size: the network's input window (the training patch size by default).
-        target_size: the centre kept from each window (clipped to the context size).
+        patch_size: the training patch.
+        context_size, target_size: the windows (`revgan_med.tiling.window_sizes`, as ``infer``: None
+            and None = as large as the budget allows, with the generator's receptive radius as margin).
     """
 
     def __init__(
         self,
         cases: list[dict[str, Any]],
         *,
-        context_size: Sequence[int],
-        target_size: int,
+        patch_size: Sequence[int],
+        context_size: int | Sequence[int] | None = None,
+        target_size: int | Sequence[int] | None = None,
         batch_size: int = 1,
     ) -> None:
         if not cases:
             raise ValueError("ValidationSet: no cases")
         self.cases = cases
-        self.context_size = tuple(int(c) for c in context_size)
-        self.target_size = tuple(min(int(target_size), c) for c in self.context_size)
+        self.patch_size, self.context_size, self.target_size = patch_size, context_size, target_size
         self.batch_size = batch_size
 
     @classmethod
@@ -79,17 +80,20 @@ class ValidationSet:
             )  # fmt: skip
             for item in items
         ]
-        context = config.infer.context_size or data.patch_size
-        context = [context] * 3 if isinstance(context, int) else context
-        return cls(cases, context_size=context, target_size=config.infer.target_size,
-                   batch_size=config.infer.batch_size)  # fmt: skip
+        return cls(cases, patch_size=data.patch_size, context_size=config.infer.context_size,
+                   target_size=config.infer.target_size, batch_size=config.infer.batch_size)  # fmt: skip
 
     def predict(self, generator: nn.Module, image: np.ndarray, *, device: torch.device) -> np.ndarray:
         """X→Y prediction of one normalised (C, X, Y, Z) volume, same shape."""
         volume = torch.from_numpy(image)[None]
+        radius = getattr(generator, "receptive_radius", None)
+        target, context = window_sizes(
+            image.shape[1:], patch_size=self.patch_size, margin=radius() if radius else DEFAULT_MARGIN,
+            target_size=self.target_size, context_size=self.context_size,
+        )  # fmt: skip
         out = sliding_window_predict(
-            generator, volume, target_size=self.target_size, context_size=self.context_size,
-            batch_size=self.batch_size, device=device,
+            generator, volume, target_size=target, context_size=context, batch_size=self.batch_size,
+            device=device,
         )  # fmt: skip
         return out[0].numpy()
 

@@ -1,0 +1,103 @@
+"""Window sizing (per axis, auto-sized to about one pass) and the stitching oracle for a local operator."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from revgan_med.cli.infer import _edges
+from revgan_med.networks import build_generator
+from revgan_med.tiling import auto_windows, sliding_window_predict, window_sizes
+
+
+def test_auto_windows_is_one_window_with_margins_when_it_fits():
+    assert auto_windows((256, 256, 128), margin=9) == ((256, 256, 128), (274, 274, 146))
+
+
+def test_auto_windows_splits_the_largest_context_until_the_budget_holds():
+    # by hand: (44,34,24) → x2 (24,34,24) → y2 (24,19,24) → x3 (18,19,24) → z2 (18,19,14) → y3 (18,14,14)
+    target, context = auto_windows((40, 30, 20), margin=2, max_voxels=4000)
+    assert (target, context) == ((14, 10, 10), (18, 14, 14))
+    assert math.prod(context) <= 4000
+
+
+def test_window_sizes_per_axis_and_the_thesis_setting():
+    patch, margin = (128, 128, 128), 9
+    assert window_sizes((300, 300, 300), patch_size=patch, margin=margin, target_size=64) == (
+        (64, 64, 64), (128, 128, 128))  # fmt: skip
+    assert window_sizes((99, 99, 9), patch_size=(64, 64, 8), margin=2, target_size=[64, 80, 8]) == (
+        (64, 80, 8), (64, 84, 8))  # fmt: skip
+    assert window_sizes((99, 99, 9), patch_size=patch, margin=4, context_size=[40, 40, 12]) == (
+        (32, 32, 4), (40, 40, 12))  # fmt: skip
+
+
+def test_auto_windows_stitch_a_local_operator_exactly():
+    """A 5³ convolution (radius 2) tiled with margin 2 equals the whole-volume convolution."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 23, 17, 11)
+    weight = torch.randn(1, 1, 5, 5, 5)
+
+    def conv(v: torch.Tensor) -> torch.Tensor:
+        return F.conv3d(v, weight, padding=2)
+
+    reference = F.conv3d(F.pad(x, [2] * 6, mode="replicate"), weight)
+    target, context = auto_windows(x.shape[2:], margin=2, max_voxels=1500)
+    calls = []
+    out = sliding_window_predict(conv, x, target_size=target, context_size=context, batch_size=3,
+                                 progress=lambda done, total: calls.append((done, total)))  # fmt: skip
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    windows = calls[-1][1]
+    assert windows > 2 and calls[-1] == (windows, windows)  # several windows, progress to the end
+    assert [done for done, _ in calls] == list(range(3, windows, 3)) + [windows]
+
+
+def test_receptive_radius_counts_the_generators_convolutions_by_hand():
+    srcnn = build_generator("srcnn3d", in_channels=1, out_channels=1, width=4, depth=2)
+    assert srcnn.receptive_radius() == 1 + 2 * 2  # encoder 3³, two residual blocks of two 3³ convs
+    # 5³ (2) + 3³ stride 2 (1); at half resolution two coupling blocks of four 3³ convs (2·8);
+    # transposed 3³ (1) and 5³ (2) at full resolution; + 1 for the padding to a multiple of 2
+    resnet = build_generator("rev_resnet3d", in_channels=1, out_channels=1, width=4, depth=2)
+    assert resnet.receptive_radius() == 2 + 1 + 16 + 1 + 2 + 1
+
+
+@pytest.mark.parametrize(("text", "value"), [("64", 64), ("64,64,8", [64, 64, 8])])
+def test_window_edges_parse_one_or_three(text, value):
+    assert _edges(text) == value
+
+
+@pytest.mark.parametrize("text", ["64,8", "0", "a,b,c"])
+def test_window_edges_refuse_other_forms(text):
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError, match="X,Y,Z"):
+        _edges(text)
+
+
+def test_infer_defaults_to_auto_windows_and_stays_seamless(monkeypatch):
+    """Through `infer_volume` with no window settings: a 3³ filter (radius 1) split into several auto
+    windows (small budget) equals the filter over the whole replicate-padded volume, in HU."""
+    import numpy as np
+
+    from revgan_med import tiling
+    from revgan_med.data.transforms import CTWindow
+    from revgan_med.inference import Model, infer_volume
+
+    class Smooth(torch.nn.Module):
+        def forward(self, v: torch.Tensor) -> torch.Tensor:
+            return F.avg_pool3d(F.pad(v, [1] * 6, mode="replicate"), 3, stride=1)
+
+        inverse = forward
+
+    monkeypatch.setitem(tiling.window_sizes.__kwdefaults__, "max_voxels", 12**3)
+    window = CTWindow(-1000.0, 1000.0)
+    hu = np.random.default_rng(0).uniform(-900, 900, (21, 17, 13)).astype(np.float32)
+    model = Model(Smooth(), "ct-kernel", window.to_dict(), (16, 16, 16), margin=1)
+    totals = set()
+    out = infer_volume(model, hu, np.eye(4), progress=lambda done, total: totals.add(total)).array
+    assert totals == {2 * 2 * 2}  # auto windows: (11, 9, 7) targets in (13, 11, 9) contexts
+    x = torch.from_numpy(window.normalize(hu))[None, None]
+    expected = window.denormalize(Smooth()(x)[0, 0].numpy())
+    np.testing.assert_allclose(out, expected, atol=1e-3)
