@@ -150,11 +150,11 @@ class Model:
 
 
 def load_model(checkpoint: str | Path, *, device: str | torch.device | None = "auto") -> Model:
-    """Read a checkpoint (``weights_only``) and rebuild its generator on `device` in eval mode."""
+    """Read a checkpoint or exported model file (``weights_only``); its generator on `device`, eval mode."""
     from revgan_med.training.checkpoint import generator_from_checkpoint, load_checkpoint
 
     run_device = resolve_device(device)
-    payload = load_checkpoint(checkpoint)
+    payload = load_checkpoint(checkpoint, exported_ok=True)
     generator, config = generator_from_checkpoint(payload, run_device)
     return Model(
         generator=generator,
@@ -295,6 +295,7 @@ def infer_path(
     series_uid: str | None = None,
     output_format: str = "nifti",
     consistency_map: str | Path | None = None,
+    map_kind: str = "cycle",
     **options: Any,
 ) -> dict[str, float] | None:
     """Read a NIfTI file or DICOM series, `infer_volume(**options)`, write the result atomically.
@@ -302,8 +303,9 @@ def infer_path(
     `output_format` ``nifti`` writes `output_path` (``.nii``/``.nii.gz``) with a "derived" ``descrip``;
     ``dicom`` writes a new derived series into the new folder `output_path` (an existing one is
     refused), referencing the source series when the input is DICOM. `consistency_map` (NIfTI)
-    receives |G(F(x)) − x|; its summary (`consistency_summary`) is returned. Never writes over or
-    inside the input.
+    receives |G(F(x)) − x| (`map_kind` ``cycle``) or the error map
+    `revgan_med.errormap.flip_disagreement` (``flips``); its summary (`consistency_summary`) is
+    returned. Never writes over or inside the input.
     """
     from revgan_med.io import load_volume, save_volume
     from revgan_med.io.volumes import is_nifti
@@ -318,7 +320,10 @@ def infer_path(
             _refuse_overwrite(input_path, Path(path))
     array, affine = load_volume(input_path, series_uid=series_uid)
     direction = options.get("direction", "forward")
-    result = infer_volume(model, array, affine, consistency=consistency_map is not None, **options)
+    if map_kind not in ("cycle", "flips"):
+        raise ValueError(f"map kind {map_kind!r}: expected cycle or flips")
+    cycle = consistency_map is not None and map_kind == "cycle"
+    result = infer_volume(model, array, affine, consistency=cycle, **options)
     description = derived_description(model, direction)
     if output_format == "dicom":
         from revgan_med.io import save_dicom_series
@@ -337,9 +342,15 @@ def infer_path(
         )
     else:
         save_volume(result.array, result.affine, output_path, description=description)
-    if result.consistency is None:
+    if consistency_map is None:
         return None
-    label = f"revgan-med consistency |G(F(x))-x|: {model.name} {direction}"
+    if map_kind == "flips":
+        from revgan_med.errormap import flip_disagreement
+
+        result.consistency = flip_disagreement(model, array, affine, result.array, **options)
+        result.consistency_affine = result.affine
+    kind = "error map" if map_kind == "flips" else "consistency |G(F(x))-x|"
+    label = f"revgan-med {kind}: {model.name} {direction}"
     save_volume(result.consistency, result.consistency_affine, Path(consistency_map), description=label)
     return consistency_summary(result.consistency)
 
