@@ -25,10 +25,10 @@ BLOCK = 8
 
 
 def _swap_xy(a: np.ndarray) -> np.ndarray:
-    return np.swapaxes(a, 0, 1)
+    return np.ascontiguousarray(np.swapaxes(a, 0, 1))
 
 
-def tta_transforms(model: Model) -> dict[str, Transform]:
+def tta_transforms(factors: Sequence[int], patch_size: Sequence[int]) -> dict[str, Transform]:
     """Mirrorings of each spatial axis, and the x↔y swap where the model treats x and y alike.
 
     Each is (apply, undo) on (x, y, z[, c]) arrays. Mirroring commutes with the centre-aligned
@@ -39,7 +39,7 @@ def tta_transforms(model: Model) -> dict[str, Transform]:
     for axis, name in enumerate("xyz"):
         flip = lambda a, ax=axis: np.flip(a, ax).copy()  # noqa: E731
         transforms[f"flip_{name}"] = (flip, flip)
-    if model.factors[0] == model.factors[1] and model.patch_size[0] == model.patch_size[1]:
+    if factors[0] == factors[1] and patch_size[0] == patch_size[1]:
         transforms["swap_xy"] = (_swap_xy, _swap_xy)
     return transforms
 
@@ -49,8 +49,8 @@ def flip_disagreement(
 ) -> np.ndarray:
     """Per-voxel standard deviation of `prediction` and the predictions of mirrored / swapped inputs.
 
-    `array`, `affine` and `options` are what `infer_volume` got for `prediction`; the result has the
-    prediction's shape (channels averaged) and units. Costs one inference per transform (3–4).
+    `array` (x, y, z), `affine` and `options` are what `infer_volume` got for `prediction`; the result
+    has the prediction's shape and units. Costs one inference per transform (3–4).
     """
     from revgan_med.inference import infer_volume
 
@@ -59,9 +59,20 @@ def flip_disagreement(
             "error map: mirroring a diffusion tensor volume also changes its components; scalar volumes only"
         )
     options = {k: v for k, v in options.items() if k != "consistency"}
+
+    def predict(a: np.ndarray) -> np.ndarray:
+        return infer_volume(model, a, affine, **options).array
+
+    return spread(predict, array, prediction, tta_transforms(model.factors, model.patch_size))
+
+
+def spread(
+    predict: Callable[[np.ndarray], np.ndarray], array: np.ndarray, prediction: np.ndarray,
+    transforms: dict[str, Transform],
+) -> np.ndarray:  # fmt: skip
+    """Standard deviation over `prediction` and ``undo(predict(apply(array)))`` for each transform."""
     outputs = [prediction.astype(np.float32)]
-    for apply, undo in tta_transforms(model).values():
-        outputs.append(undo(infer_volume(model, apply(array), affine, **options).array).astype(np.float32))
+    outputs += [undo(predict(apply(array))).astype(np.float32) for apply, undo in transforms.values()]
     return np.std(np.stack(outputs), axis=0)
 
 
@@ -82,7 +93,8 @@ def calibration(
 
     ``top_mae`` / ``rest_mae``: mean error in the `top` fraction of voxels the map flags most and in
     the others; ``ratio`` their quotient (≥ 2 is this project's bar); ``spearman``: rank correlation
-    of map and error over `block`³ block means (where the error is, not which single voxel).
+    of map and error over `block`³ block means (where the error is, not which single voxel); NaN
+    when either is constant.
     """
     from scipy.stats import spearmanr
 
@@ -105,7 +117,9 @@ def calibration(
     flagged = np.zeros(flat_map.size, bool)
     flagged[np.argpartition(-flat_map, k - 1)[:k]] = True  # exactly k voxels, ties broken arbitrarily
     top_mae, rest_mae = float(flat_err[flagged].mean()), float(flat_err[~flagged].mean())
-    rho = spearmanr(_block_means(emap, block), _block_means(error, block)).statistic
+    blocks = _block_means(emap, block), _block_means(error, block)
+    constant = min(np.ptp(b) for b in blocks) == 0  # no ranking to correlate: undefined, not an error
+    rho = float("nan") if constant else spearmanr(*blocks).statistic
     return {
         "top_mae": top_mae,
         "rest_mae": rest_mae,

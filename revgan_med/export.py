@@ -105,12 +105,35 @@ def validation_summary(payload: dict[str, Any]) -> dict[str, Any]:
     if cases is None:
         return {"note": "no validation cases were readable at export"}
     generator, _ = generator_from_checkpoint(payload)
+    cpu = torch.device("cpu")
     baseline = "input upsampled " + config.data.upsample if config.task != "ct-kernel" else "input unchanged"
-    return {
+    summary: dict[str, Any] = {
         "cases": len(cases.cases),
-        "model": cases.evaluate(generator, device=torch.device("cpu")),
-        baseline: cases.evaluate(torch.nn.Identity(), device=torch.device("cpu")),
+        "model": cases.evaluate(generator, device=cpu),
+        baseline: cases.evaluate(torch.nn.Identity(), device=cpu),
     }
+    if TASK_CHANNELS[config.task] == 1:
+        summary["error_map_calibration"] = _calibration(cases, generator, config)
+    return summary
+
+
+def _calibration(cases: Any, generator: torch.nn.Module, config: Any) -> dict[str, float]:
+    """`revgan_med.errormap.calibration` of the error map on the validation cases (mean over cases)."""
+    from revgan_med.errormap import calibration, spread, tta_transforms
+
+    transforms = tta_transforms(config.data.factors, config.data.patch_size)
+
+    def predict(a: np.ndarray) -> np.ndarray:
+        return cases.predict(generator, a[None], device=torch.device("cpu"))[0]
+
+    rows = []
+    for case in cases.cases:
+        image, mapping = case["image"][0], case["mapping"]
+        prediction = predict(image)
+        emap = spread(predict, image, prediction, transforms)
+        reference = mapping.denormalize(case["target"][0])
+        rows.append(calibration(emap, mapping.denormalize(prediction), reference))
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
 def model_card(payload: dict[str, Any], *, licence: str | None = None) -> dict[str, Any]:

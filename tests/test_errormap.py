@@ -56,7 +56,7 @@ def test_calibration_matches_hand_computed_values(rng: np.random.Generator) -> N
     assert upside_down["top_mae"] == 0.0 and upside_down["spearman"] == pytest.approx(-1.0)
     # errors outside the window do not count: clipped, both sides agree
     clipped = calibration(error, reference + error + 500, np.full_like(reference, 2000.0), window=(-100, 100))
-    assert clipped["top_mae"] == clipped["rest_mae"] == 0.0
+    assert clipped["top_mae"] == clipped["rest_mae"] == 0.0 and np.isnan(clipped["spearman"])
     with pytest.raises(ValueError, match="shapes differ"):
         calibration(error[:8], prediction, reference)
 
@@ -106,7 +106,7 @@ def test_infer_and_evaluate_error_map_cli(tmp_path: Path, capsys) -> None:
     assert "error map: mean" in capsys.readouterr().out
     assert load_volume(emap)[0].shape == load_volume(out)[0].shape == (16, 16, 16)
     assert main([*argv, "--error-map", str(emap), "--consistency-map", str(tmp_path / "c.nii.gz")]) == 2
-    evaluate = ["evaluate", "--prediction", str(out), "--reference", str(reference), "--window", "-1000,1000"]
+    evaluate = ["evaluate", "--prediction", str(out), "--reference", str(reference), "--window=-1000,1000"]
     assert main([*evaluate, "--error-map", str(emap)]) == 0
     printed = capsys.readouterr().out
     expected = calibration(load_volume(emap)[0], load_volume(out)[0], load_volume(reference)[0],

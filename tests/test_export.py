@@ -53,7 +53,9 @@ def test_model_file_is_small_runs_like_the_checkpoint_and_is_refused_by_resume(
     assert card["training_data"]["cases"] == 1 and card["training_data"]["voxel_spacings_mm"] == [
         [1.5, 1.5, 2.0]
     ]
-    assert set(card["validation"]) == {"cases", "model", "input unchanged"}
+    assert set(card["validation"]) == {"cases", "model", "input unchanged", "error_map_calibration"}
+    assert card["validation"]["model"]["psnr"] != card["validation"]["input unchanged"]["psnr"]
+    assert set(card["validation"]["error_map_calibration"]) == {"top_mae", "rest_mae", "ratio", "spearman"}
     assert card["versions"]["torch"] == torch.__version__
     assert (tmp_path / "kernel.card.md").read_text().startswith("# Model card")
     outputs = {}
@@ -100,6 +102,7 @@ def test_torchscript_matches_eager_and_loads_without_revgan_med(run: Path, tmp_p
     assert json.loads(extra["spec.json"])["config"]["task"] == "ct-kernel"
 
 
+@pytest.mark.slow  # four fresh processes that import MONAI
 def test_monai_bundle_reproduces_infer_both_directions(run: Path, scan: Path, tmp_path: Path) -> None:
     from monai.bundle import ConfigParser
 

@@ -1,12 +1,12 @@
 """Translate scans with a trained checkpoint: super-resolution or kernel conversion, in both directions.
 
 Everything about the model (task, window, factors, architecture, training patch) comes from the
-checkpoint (or exported model file). INPUT is a NIfTI file, a DICOM series folder, or a folder of them
-(then OUTPUT and --error-map are folders: OUTPUT/<case>.nii.gz). Super-resolution input is the scan as acquired
-(thick slices); the output is on the HR grid implied by the checkpoint's factors, in HU. Each target
-window is predicted from a context window centred on it (default: the training patch size). Outputs
-are written atomically, never over the input, and labelled as derived: GAN outputs can invent or
-remove structures — not for diagnosis.
+checkpoint (or exported model file). INPUT is a NIfTI file, a DICOM series folder, or a folder of
+them (then OUTPUT and --error-map are folders: OUTPUT/<case>.nii.gz). Super-resolution input is the
+scan as acquired (thick slices); the output is on the HR grid implied by the checkpoint's factors, in
+HU. Each target window is predicted from a context window centred on it (default: the training patch
+size). Outputs are written atomically, never over the input, and labelled as derived: GAN outputs can
+invent or remove structures — not for diagnosis.
 
 Examples:
   revgan-med infer --checkpoint runs/ct_sr/checkpoints/best.pt --input thick.nii.gz --output sr.nii.gz
