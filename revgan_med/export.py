@@ -44,14 +44,23 @@ def _scanner_info(source: Path) -> dict[str, str]:
                 ds = pydicom.dcmread(file, stop_before_pixels=True)
             except Exception:  # not DICOM (a licence, a sidecar): try the next file
                 continue
-            return {"vendor": str(ds.get("Manufacturer", "")), "kernel": str(ds.get("ConvolutionKernel", ""))}
+            return _vendor_kernel(ds.get)
         return {}
-    sidecar = source.with_name(source.name.split(".")[0] + ".json")
-    if sidecar.is_file():
-        meta = json.loads(sidecar.read_text())
-        kernel = meta.get("ConvolutionKernel", "")
-        return {"vendor": str(meta.get("Manufacturer", "")), "kernel": str(kernel)}
+    stem = source.name.split(".")[0]  # dcm2niix's sidecar; a cropped copy keeps the name as a prefix
+    for sidecar in sorted(source.parent.glob("*.json"), key=lambda p: -len(p.stem)):
+        if stem.startswith(sidecar.stem):
+            return _vendor_kernel(json.loads(sidecar.read_text()).get)
     return {}
+
+
+def _vendor_kernel(get: Any) -> dict[str, str]:
+    return {"vendor": str(get("Manufacturer", "")), "kernel": str(get("ConvolutionKernel", ""))}
+
+
+def _case_sources(case_json: Path) -> list[Path]:
+    """The scans a preprocessed case was made from (its ``case.json`` "source": ``A [(series S)] [-> B]``)."""
+    label = json.loads(case_json.read_text()).get("source", "") if case_json.is_file() else ""
+    return [Path(part.split(" (series ")[0].strip()) for part in str(label).split(" -> ") if part.strip()]
 
 
 def training_data_summary(datalist: str | Path) -> dict[str, Any]:
@@ -74,10 +83,8 @@ def training_data_summary(datalist: str | Path) -> dict[str, Any]:
         if target.is_file():
             zooms = nib.load(target).header.get_zooms()[:3]
             spacings.add(tuple(round(float(z), 3) for z in zooms))
-        marker = target.parent / "case.json"
-        sources = json.loads(marker.read_text()).get("source", "") if marker.is_file() else ""
-        for source in str(sources).split(" + "):  # a kernel pair names both of its scans
-            info = _scanner_info(Path(source)) if source and Path(source).exists() else {}
+        for source in _case_sources(target.parent / "case.json"):
+            info = _scanner_info(source) if source.exists() else {}
             vendors.update(v for v in [info.get("vendor")] if v)
             kernels.update(k for k in [info.get("kernel")] if k)
     return {
@@ -255,6 +262,7 @@ def export_torchscript(checkpoint: str | Path, output: str | Path,
         g = torch.jit.trace(_Direction(generator, inverse=True), example, check_trace=False)
         scripted = torch.jit.script(_BothDirections(f, g))
     spec = {k: payload[k] for k in ("config", "intensity", "card") if k in payload}
+    spec["traced_size"] = size  # padding to the generator's stride was recorded for this size
     with atomic_path(output) as tmp:
         torch.jit.save(scripted, str(tmp), _extra_files={"spec.json": json.dumps(spec, default=_plain)})
     return output

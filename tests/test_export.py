@@ -99,7 +99,8 @@ def test_torchscript_matches_eager_and_loads_without_revgan_med(run: Path, tmp_p
         np.testing.assert_allclose(np.load(tmp_path / "g.npy"), eager.inverse(x).numpy(), atol=1e-5)
     extra = {"spec.json": ""}
     torch.jit.load(str(ts), _extra_files=extra)
-    assert json.loads(extra["spec.json"])["config"]["task"] == "ct-kernel"
+    spec = json.loads(extra["spec.json"])
+    assert spec["config"]["task"] == "ct-kernel" and spec["traced_size"] == [24, 24, 24]
 
 
 @pytest.mark.slow  # four fresh processes that import MONAI
@@ -133,3 +134,16 @@ def test_monai_bundle_reproduces_infer_both_directions(run: Path, scan: Path, tm
             check=True, capture_output=True,
         )  # fmt: skip
         np.testing.assert_allclose(load_volume(out)[0], load_volume(reference)[0], atol=1e-4 * HU_PER_UNIT)
+
+
+def test_vendor_and_kernel_from_dicom_headers_and_sidecars(shared_data: Path, tmp_path: Path) -> None:
+    from revgan_med.export import _case_sources, _scanner_info
+
+    dicom = _scanner_info(shared_data / "ct_chest_dicom_philips" / "dcm")
+    assert "philips" in dicom["vendor"].lower() and dicom["kernel"] == "C"  # the data README's kernel C
+    nifti = shared_data / "ct_kernel_pair_phantom_UB_YA" / "203_BONE_BRAIN_1MM_YA_z46-93.nii.gz"
+    sidecar = json.loads((nifti.parent / "203_BONE_BRAIN_1MM_YA.json").read_text())
+    assert _scanner_info(nifti) == {"vendor": sidecar["Manufacturer"], "kernel": sidecar["ConvolutionKernel"]}
+    assert _case_sources(tmp_path / "case.json") == []  # a case.json that is gone: no sources, no error
+    (tmp_path / "case.json").write_text(json.dumps({"source": "scans/B (series 1.2.3) -> scans/L"}))
+    assert _case_sources(tmp_path / "case.json") == [Path("scans/B"), Path("scans/L")]
