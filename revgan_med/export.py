@@ -110,7 +110,7 @@ def validation_summary(payload: dict[str, Any]) -> dict[str, Any]:
         except ValueError:
             cases = None
     if cases is None:
-        return {"note": "no validation cases were readable at export"}
+        return {"note": "no validation cases (none in the training datalist, or not readable at export)"}
     generator, _ = generator_from_checkpoint(payload)
     cpu = torch.device("cpu")
     baseline = "input upsampled " + config.data.upsample if config.task != "ct-kernel" else "input unchanged"
@@ -143,6 +143,11 @@ def _calibration(cases: Any, generator: torch.nn.Module, config: Any) -> dict[st
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
+def _finite(payload: dict[str, Any]) -> bool:
+    best = payload.get("best_metric") or {}
+    return isinstance(best.get("value"), (int, float)) and np.isfinite(best["value"])
+
+
 def model_card(payload: dict[str, Any], *, licence: str | None = None) -> dict[str, Any]:
     """What a receiver needs to judge the model: what it was trained on, how it scored, versions."""
     import monai
@@ -165,7 +170,7 @@ def model_card(payload: dict[str, Any], *, licence: str | None = None) -> dict[s
         "upsample": config.data.upsample,
         "patch_size": list(config.data.patch_size),
         "steps": int(payload.get("step", 0)),
-        "best_validation": payload.get("best_metric"),
+        "best_validation": payload.get("best_metric") if _finite(payload) else "none (no validation run)",
         "training_data": training_data_summary(config.data.datalist),
         "validation": validation_summary(payload),
         "versions": {
@@ -182,16 +187,15 @@ def model_card(payload: dict[str, Any], *, licence: str | None = None) -> dict[s
 
 
 def card_markdown(card: dict[str, Any]) -> str:
-    """The model card as Markdown (a heading and one line or table row per field)."""
+    """The model card as Markdown: one bullet per field, a sub-heading per nested section."""
+    def text(value: Any) -> str:
+        return value if isinstance(value, str) else json.dumps(value)
+
     lines = [f"# Model card: {card['name']}", ""]
-    for key, value in card.items():
-        if isinstance(value, dict):
-            lines += ["", f"## {key.replace('_', ' ')}", ""]
-            lines += [f"- {k}: {json.dumps(v) if not isinstance(v, str) else v}" for k, v in value.items()]
-        else:
-            lines.append(
-                f"- {key.replace('_', ' ')}: {value if isinstance(value, str) else json.dumps(value)}"
-            )
+    lines += [f"- {k.replace('_', ' ')}: {text(v)}" for k, v in card.items() if not isinstance(v, dict)]
+    for key, section in ((k, v) for k, v in card.items() if isinstance(v, dict)):
+        lines += ["", f"## {key.replace('_', ' ')}", ""]
+        lines += [f"- {k}: {text(v)}" for k, v in section.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -202,7 +206,9 @@ def exported_payload(checkpoint: str | Path, *, licence: str | None = None,
     out = {k: v for k, v in payload.items() if k not in TRAINING_ONLY}
     out["models"] = {"generator": payload["models"]["generator"]}
     out["format"] = MODEL_FORMAT
-    out["card"] = {**payload.get("card", {}), **model_card(payload, licence=licence), **(card or {})}
+    earlier = payload.get("card", {})  # re-exporting an exported model keeps its licence unless given
+    licence = licence or (earlier.get("licence") if earlier.get("licence") != UNSET_LICENCE else None)
+    out["card"] = {**earlier, **model_card(payload, licence=licence), **(card or {})}
     return out
 
 
