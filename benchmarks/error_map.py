@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, required=True, help="the quality benchmark's --workdir")
     parser.add_argument("--data", type=Path, default=SHARED_DATA)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--kernel-y", default="0:512", help="y rows of the kernel test half (default: all)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     results: dict[str, dict] = {}
@@ -84,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         kernel = load_model(args.workdir / "kernel" / "run" / "checkpoints" / "last.pt", device="cpu")
         pair = args.data / "ct_kernel_pair_philips_B_L"
         (smooth, affine), (sharp, _) = load_volume(pair / "B"), load_volume(pair / "L")
+        y0, y1 = (int(v) for v in args.kernel_y.split(":"))
+        smooth, sharp = smooth[:, y0:y1], sharp[:, y0:y1]
+        affine = np.asarray(affine, dtype=np.float64).copy()
+        affine[:3, 3] += y0 * affine[:3, 1]  # voxel (0, y0, 0) is the crop's origin
         half = smooth.shape[0] // 2
         test_affine = np.asarray(affine, dtype=np.float64).copy()
         test_affine[:3, 3] += half * test_affine[:3, 0]

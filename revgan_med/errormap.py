@@ -1,11 +1,11 @@
 """Per-voxel reliability maps for model outputs, and how well a map predicts the actual error.
 
-A reversible generator inverts itself exactly, so |G(F(x)) − x| is zero up to rounding and window
-borders and says nothing about where F(x) is wrong. What does vary with the error is how much the
-output changes when the same scan is presented mirrored or with x and y swapped: the network is not
-equivariant to these, and it disagrees with itself most where it extrapolates (edges, fine
-structure, unusual anatomy). `flip_disagreement` is that spread, in the output's units.
-`calibration` scores any map against |prediction − reference| (README, "Error map").
+A purely reversible generator inverts itself exactly, so its |G(F(x)) − x| is zero up to rounding and
+window borders whatever F(x) gets wrong; only the residual connection and linear paths of the packaged
+configs make it informative. `flip_disagreement` does not depend on the architecture: how much the
+output changes when the same scan is presented mirrored or with x and y swapped. The network is not
+equivariant to these, and it disagrees with itself most where it is unsure (edges, fine structure).
+`calibration` scores any map against |prediction − reference| (measured in README, "Error map").
 """
 
 from __future__ import annotations
