@@ -75,7 +75,7 @@ def test_model_file_is_small_runs_like_the_checkpoint_and_is_refused_by_resume(
     assert len(err.splitlines()) == 1 and "exported model" in err
 
 
-def test_torchscript_matches_eager_and_loads_without_revgan_med(run: Path, tmp_path: Path) -> None:
+def test_torchscript_equals_eager_and_runs_without_revgan_med(run: Path, tmp_path: Path, monkeypatch) -> None:
     from revgan_med.inference import load_model
 
     ts = tmp_path / "kernel.ts"
@@ -101,6 +101,20 @@ def test_torchscript_matches_eager_and_loads_without_revgan_med(run: Path, tmp_p
     torch.jit.load(str(ts), _extra_files=extra)
     spec = json.loads(extra["spec.json"])
     assert spec["config"]["task"] == "ct-kernel" and spec["traced_size"] == [24, 24, 24]
+    # README's TorchScript example, run as written on one window: the eager model's output in HU
+    from tests.test_api import _python_block
+
+    ts.rename(tmp_path / "ct_kernel.ts")
+    hu = (np.random.default_rng(2).normal(size=(24, 24, 24)) * 300).astype(np.float32)
+    np.save(tmp_path / "window.npy", hu)
+    namespace: dict = {}
+    monkeypatch.chdir(tmp_path)
+    exec(_python_block("### Export"), namespace)  # noqa: S102 (README's own example)
+    lo, hi = -900.0, 400.0  # the tiny config's nlst window
+    with torch.no_grad():
+        y = eager(torch.from_numpy((np.clip(hu, lo, hi) - lo) / (hi - lo) * 2 - 1)[None, None])
+    expected = (y[0, 0].clamp(-1, 1).numpy() + 1) / 2 * (hi - lo) + lo
+    np.testing.assert_allclose(namespace["out"], expected, atol=1e-5 * HU_PER_UNIT)
 
 
 @pytest.mark.slow  # four fresh processes that import MONAI
