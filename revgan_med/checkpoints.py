@@ -32,6 +32,7 @@ from revgan_med.tiling import DEFAULT_MARGIN
 
 FORMAT = "revgan-med-checkpoint"
 FORMAT_VERSION = 1
+MODEL_FORMAT = "revgan-med-model"  # an exported model (`revgan_med.export`): generator weights and spec only
 INFERENCE_KEYS = ("config", "intensity", "models")
 RESUME_KEYS = (*INFERENCE_KEYS, "step", "best_metric", "data_position", "objective_state", "optimizers",
                "schedulers", "scaler", "rng")  # fmt: skip
@@ -46,8 +47,13 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` (no code from the file is executed)."""
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", *, exported_ok: bool = False
+) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` (no code from the file is executed).
+
+    `exported_ok` also accepts an exported model file (enough for inference, not for resuming).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
@@ -60,7 +66,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             else "truncated, damaged or not a PyTorch file"
         )
         raise ValueError(f"{path}: not a readable checkpoint ({what})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    if isinstance(payload, dict) and payload.get("format") == MODEL_FORMAT and not exported_ok:
+        raise ValueError(f"{path}: an exported model holds no training state; resume from a run's checkpoint")
+    if not isinstance(payload, dict) or payload.get("format") not in (FORMAT, MODEL_FORMAT):
         raise ValueError(f"{path}: not a revgan-med checkpoint")
     if payload.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format {payload['format_version']} is newer than this version")

@@ -5,7 +5,8 @@ Stages (each one a public library call, the same code the CLI commands run):
 1. phantoms    — `make_phantom` chest CTs in HU: a few for training, one for validation, one held out;
 2. preprocess  — `preprocess(task="ct-sr", factors=(2, 2, 4))`: thick-slice inputs + HR targets;
 3. train       — `train` with the packaged ``configs/demo.yaml`` (a small paired RevGAN);
-4. infer       — `infer_path` on the held-out phantom's thick-slice scan (as a scanner would give it);
+4. infer       — `export_model` (``model.pt`` + ``model.card.md``, what a colleague would receive),
+                 then `infer_path` with it on the held-out thick-slice scan (as a scanner would give it);
 5. evaluate    — `evaluate_volumes` against the HR phantom, with trilinear and tricubic baselines;
 6. report      — ``report.md``, ``metrics.csv``, a comparison figure and the training curves.
 """
@@ -30,6 +31,7 @@ from revgan_med.data.degradation import thick_slice
 from revgan_med.data.phantom import make_phantom
 from revgan_med.data.preprocess import preprocess
 from revgan_med.evaluation import evaluate_volumes, write_csv
+from revgan_med.export import card_path, export_model
 from revgan_med.inference import load_model
 from revgan_med.inference_files import infer_path
 from revgan_med.io import save_volume
@@ -45,7 +47,8 @@ N_TRAIN = 4  # training + validation phantoms (preprocess keeps one for validati
 BASELINES = ("trilinear", "tricubic")
 STAGES = ("phantoms", "preprocess", "train", "infer", "evaluate", "report")
 MARKER = ".revgan-med-demo"
-OUTPUTS = ("phantoms", "preprocessed", "run", "test", "figures", "metrics.csv", "report.md")  # all it writes
+OUTPUTS = ("phantoms", "preprocessed", "run", "test", "figures", "metrics.csv", "report.md", "model.pt",
+           "model.card.md")  # all it writes; model.pt is the exported model a colleague can run
 
 
 @dataclass
@@ -300,7 +303,8 @@ def run_demo(
     with _stage("train", timings):
         checkpoint, config = _train(prep.datalist_path, out / "run", steps=steps, device=device, seed=seed)
     with _stage("infer", timings):
-        model = load_model(checkpoint, device=device)
+        exported = export_model(checkpoint, out / "model.pt", card={"note": "demo model on phantoms"})
+        model = load_model(exported, device=device)
         prediction = out / "test" / "prediction.nii.gz"
         infer_path(model, thick, prediction)
     figures = out / "figures"
@@ -325,7 +329,9 @@ def run_demo(
             "metrics (per method)": out / "metrics.csv",
             "comparison figure": figures / "comparison.png",
             "training curves": curves,
-            "checkpoint used": checkpoint,
+            "exported model (hand this on; used for the prediction)": exported,
+            "its model card": card_path(exported),
+            "training checkpoint": checkpoint,
             "resolved training config": out / "run" / "config.yaml",
             "training log (metrics.csv, TensorBoard)": out / "run",
             "held-out thick-slice scan (input)": thick,

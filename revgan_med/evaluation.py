@@ -293,7 +293,9 @@ def evaluate_volumes(
             raise ValueError(f"unknown baseline {name!r}; valid: {', '.join(BASELINES)}")
     cases, missing = match_cases(prediction, reference, input=input, mask=mask)
     report = EvaluationReport(failed=list(missing))
-    for case in cases:
+    from tqdm import tqdm
+
+    for case in tqdm(cases, desc="evaluate", unit="case", disable=len(cases) < 2):
         try:
             rows, volumes, affine = evaluate_case(case, window=lo_hi, baselines=baselines, factors=factors)
         except (ValueError, OSError) as exc:

@@ -27,11 +27,11 @@ from revgan_med.tiling import sliding_window_predict, window_sizes
 
 
 def load_model(checkpoint: str | Path, *, device: str | torch.device | None = "auto") -> Model:
-    """Read a checkpoint (``weights_only``) and rebuild its generator on `device` in eval mode."""
+    """Read a checkpoint or exported model file (``weights_only``); its generator on `device`, eval mode."""
     run_device = resolve_device(device)
     if run_device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every window has the same shape: tune the kernels once
-    payload = load_checkpoint(checkpoint)
+    payload = load_checkpoint(checkpoint, exported_ok=True)
     try:
         require_keys(payload)
         return model_from_checkpoint(payload, run_device)

@@ -16,6 +16,7 @@ from typing import Any
 from tqdm import tqdm
 
 from revgan_med.checkpoints import Model
+from revgan_med.errormap import flip_disagreement
 from revgan_med.inference import consistency_summary, infer_volume
 from revgan_med.io import VolumeRef, discover_volumes, load_volume, save_dicom_series, save_volume
 from revgan_med.io.checks import check_output_location, require_finite
@@ -43,6 +44,7 @@ def infer_path(
     series_uid: str | None = None,
     output_format: str = "nifti",
     consistency_map: str | Path | None = None,
+    map_kind: str = "cycle",
     **options: Any,
 ) -> dict[str, float] | None:
     """Read a NIfTI file or DICOM series, `infer_volume(**options)`, write the result atomically.
@@ -50,8 +52,9 @@ def infer_path(
     `output_format` ``nifti`` writes `output_path` (``.nii``/``.nii.gz``) with a "derived" ``descrip``;
     ``dicom`` writes a new derived series into the new folder `output_path` (an existing one is
     refused), referencing the source series when the input is DICOM. `consistency_map` (NIfTI)
-    receives |G(F(x)) − x|; its summary (`consistency_summary`) is returned. Never writes over or
-    inside the input.
+    receives |G(F(x)) − x| (`map_kind` ``cycle``) or the error map
+    `revgan_med.errormap.flip_disagreement` (``flips``); its summary (`consistency_summary`) is
+    returned. Never writes over or inside the input.
     """
     input_path, output_path = Path(input_path), Path(output_path)
     if output_format not in ("nifti", "dicom"):
@@ -69,7 +72,10 @@ def infer_path(
     if min(array.shape[:3]) < 2:
         raise ValueError(f"{input_path}: a 2D image (shape {array.shape}); infer needs a 3D volume")
     direction = options.get("direction", "forward")
-    result = infer_volume(model, array, affine, consistency=consistency_map is not None, **options)
+    if map_kind not in ("cycle", "flips"):
+        raise ValueError(f"map kind {map_kind!r}: expected cycle or flips")
+    cycle = consistency_map is not None and map_kind == "cycle"
+    result = infer_volume(model, array, affine, consistency=cycle, **options)
     require_finite(result.array, f"{input_path}: the model's output")  # e.g. a checkpoint with NaN weights
     description = derived_description(model, direction)
     if output_format == "dicom":
@@ -87,9 +93,13 @@ def infer_path(
         )
     else:
         save_volume(result.array, result.affine, output_path, description=description)
-    if result.consistency is None:
+    if consistency_map is None:
         return None
-    label = f"revgan-med consistency |G(F(x))-x|: {model.name} {direction}"
+    if map_kind == "flips":
+        result.consistency = flip_disagreement(model, array, affine, result.array, **options)
+        result.consistency_affine = result.affine
+    kind = "error map" if map_kind == "flips" else "consistency |G(F(x))-x|"
+    label = f"revgan-med {kind}: {model.name} {direction}"
     save_volume(result.consistency, result.consistency_affine, Path(consistency_map), description=label)
     return consistency_summary(result.consistency)
 

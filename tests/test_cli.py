@@ -13,7 +13,10 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--version"])
     assert info.value.code == 0
-    assert __version__ in capsys.readouterr().out
+    import torch
+
+    printed = capsys.readouterr().out
+    assert __version__ in printed and f"torch {torch.__version__}" in printed and "CUDA" in printed
 
 
 def test_no_command_prints_help_and_exits_2(capsys):

@@ -138,6 +138,8 @@ def test_demo_end_to_end_beats_the_interpolation_baselines(tmp_path, capsys):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC
     assert (out / "test" / "prediction.nii.gz").is_file()
     assert (out / "run" / "checkpoints" / "last.pt").is_file()
+    card = (out / "model.card.md").read_text()  # the demo ends with a model to hand on, and its card
+    assert card.startswith("# Model card") and "training data" in card and "`model.pt`" in report
 
 
 def _readme_commands(text: str) -> list[list[str]]:

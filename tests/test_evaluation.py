@@ -205,3 +205,17 @@ def test_evaluate_cli_exit_codes(tmp_path: Path, oblique_affine: np.ndarray) -> 
     )
     rows = (tmp_path / "f.csv").read_text().splitlines()
     assert [r.split(",")[:2] for r in rows[1:3]] == [["a", "prediction"], ["a", "trilinear"]]
+
+
+def test_evaluate_folders_shows_progress(tmp_path: Path, capsys) -> None:
+    from revgan_med.cli import main
+    from revgan_med.io import save_volume
+
+    for folder, offset in (("pred", 5.0), ("ref", 0.0)):
+        for case in ("a", "b", "c"):
+            volume = np.full((8, 8, 8), offset, np.float32)
+            save_volume(volume, np.eye(4), tmp_path / folder / f"{case}.nii.gz")
+    argv = ["evaluate", "--prediction", str(tmp_path / "pred"), "--reference", str(tmp_path / "ref")]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "3/3" in captured.err and "evaluate" in captured.err  # tqdm's bar over the cases

@@ -15,9 +15,10 @@ BELOW_TRAINING = ("revgan_med.inference", "revgan_med.networks", "revgan_med.dat
 # the layers, top to bottom (README "Architecture"): a module may import its own layer and those below
 LAYERS = (
     ("revgan_med.cli", "revgan_med.__main__"),
-    ("revgan_med.demo", "revgan_med.sensitivity", "revgan_med.benchmarks"),
+    ("revgan_med.api", "revgan_med.demo", "revgan_med.sensitivity", "revgan_med.benchmarks",
+     "revgan_med.export", "revgan_med.bundle"),
     ("revgan_med.training",),
-    ("revgan_med.evaluation", "revgan_med.figures", "revgan_med.inference_files"),
+    ("revgan_med.evaluation", "revgan_med.figures", "revgan_med.inference_files", "revgan_med.errormap"),
     ("revgan_med.inference",),
     ("revgan_med.checkpoints",),
     ("revgan_med.networks", "revgan_med.data"),

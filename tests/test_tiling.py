@@ -82,8 +82,9 @@ def test_infer_defaults_to_auto_windows_and_stays_seamless(monkeypatch):
     import numpy as np
 
     from revgan_med import tiling
+    from revgan_med.checkpoints import Model
     from revgan_med.data.transforms import CTWindow
-    from revgan_med.inference import Model, infer_volume
+    from revgan_med.inference import infer_volume
 
     class Smooth(torch.nn.Module):
         def forward(self, v: torch.Tensor) -> torch.Tensor:

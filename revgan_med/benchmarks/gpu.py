@@ -195,7 +195,7 @@ def _train_cmd(*extra: str) -> list[str]:
 def _resume(device: Any, work: Path) -> dict[str, Any]:
     import torch
 
-    from revgan_med.training.checkpoint import load_checkpoint
+    from revgan_med.checkpoints import load_checkpoint
 
     sets = _tiny_run(work, device)
     run, straight = work / "killed", work / "straight"
@@ -241,7 +241,7 @@ def _infer(device: Any, model: Any, shape: tuple[int, ...], work: Path) -> dict[
     import torch
 
     from revgan_med.data.phantom import make_phantom
-    from revgan_med.inference import infer_path
+    from revgan_med.inference_files import infer_path
 
     hu, affine = make_phantom(shape, seed=1)
     source = work / "synthetic_ct.nii.gz"

@@ -24,12 +24,27 @@ def _command_modules() -> list:
     return sorted(modules, key=lambda m: m.ORDER)
 
 
+class _Version(argparse.Action):
+    """``--version``: imports torch only when asked, so `--help` stays instant."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        import torch
+
+        cuda = torch.version.cuda or "none (CPU build)"
+        available = f", {torch.cuda.device_count()} GPU(s) visible" if torch.cuda.is_available() else ""
+        print(f"revgan-med {__version__} (torch {torch.__version__}, CUDA {cuda}{available})")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="revgan-med",
         description="Reversible 3D GANs for CT / dMRI super-resolution and CT kernel conversion.",
     )
-    parser.add_argument("--version", action="version", version=f"revgan-med {__version__}")
+    parser.add_argument("--version", action=_Version, help="show the revgan-med, torch and CUDA versions")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in _command_modules():
         name = module.__name__.rsplit(".", 1)[1]

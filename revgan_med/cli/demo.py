@@ -20,7 +20,7 @@ ORDER = 90
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output", default="demo_output", help="output folder (default: %(default)s)")
+    parser.add_argument("-o", "--output", default="demo_output", help="output folder (default: %(default)s)")
     parser.add_argument(
         "--steps", type=int, default=None, help="training steps (default: train.steps of configs/demo.yaml)"
     )

@@ -15,6 +15,8 @@ Examples:
       --baseline trilinear,tricubic --figure sr.png
   revgan-med evaluate --prediction out/ --reference cases/hr/ --window nlst --output metrics.csv
   revgan-med evaluate --checkpoint run/checkpoints/best.pt --prediction out/ --reference cases/hr/
+  revgan-med evaluate --prediction smooth.nii.gz --reference smooth_ref.nii.gz --window nlst \\
+      --error-map error_map.nii.gz
   revgan-med evaluate --prediction dti_sr.nii.gz --reference dti.nii.gz --mask brain.nii.gz --task dmri-sr
   revgan-med evaluate --sensitivity run/checkpoints/best.pt --input smooth.nii.gz --reference sharp.nii.gz \\
       --prediction smooth_from_other_model.nii.gz --window nlst
@@ -35,7 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--reference", required=True, help="reference volume, or folder (matched by case name)"
     )
-    parser.add_argument("--input", help="the model's input (thick-slice scan), for baselines and figures")
+    parser.add_argument(
+        "-i", "--input", help="the model's input (thick-slice scan), for baselines and figures"
+    )
     parser.add_argument("--mask", help="mask volume (or folder): metrics inside it, plus interior RMSE")
     parser.add_argument(
         "--window",
@@ -49,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--baseline", default="", help="comma list of identity,trilinear,tricubic (needs --input)"
     )
-    parser.add_argument("--output", help="CSV file for per-case rows plus mean and std")
+    parser.add_argument("-o", "--output", help="CSV file for per-case rows plus mean and std")
     parser.add_argument("--figure", help="PNG of coronal and axial slices (one per case for folders)")
     parser.add_argument("--task", choices=TASKS, help="default: the --checkpoint's task, else ct-sr")
     parser.add_argument(
@@ -61,6 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--sensitivity", metavar="CKPT",
         help="model-sensitivity analysis (self-inverse paper §6) of CKPT: --input is x, --reference its "
         "paired y, --prediction the perturbed input x + dx; prints |dPSNR|, |dSSIM|, |dMAE|, output change",
+    )  # fmt: skip
+    parser.add_argument(
+        "--error-map", metavar="MAP",
+        help="error map (file or folder, as infer --error-map writes): how well it predicts |prediction - "
+        "reference| in the window (mean error in the top 5 %% flagged voxels vs the rest, Spearman "
+        "over 8^3 blocks)",
     )  # fmt: skip
     parser.add_argument("--direction", default="forward", choices=("forward", "inverse"),
                         help="model direction for --sensitivity (default: forward)")  # fmt: skip
@@ -112,11 +122,34 @@ def run(args: argparse.Namespace) -> int:
     if report.rows:
         print(f"window: {'none' if window is None else '{:g},{:g}'.format(*window)}")
         print(format_table(report.rows + report.summary))
+    if args.error_map:
+        report.failed += _calibration(args, window)
     for name, message in report.failed:
         print(f"FAILED {name}: {message}", file=sys.stderr)
     if not report.rows:
         print("no case could be evaluated", file=sys.stderr)
     return 1 if report.failed or not report.rows else 0
+
+
+def _calibration(args: argparse.Namespace, window: str | None) -> list[tuple[str, str]]:
+    """Print the error map's calibration per case; returns the cases that failed."""
+    from revgan_med.data.transforms import parse_window
+    from revgan_med.errormap import calibrate_files
+
+    rows, failed = calibrate_files(
+        args.error_map,
+        args.prediction,
+        args.reference,
+        window=None if window is None else parse_window(window),
+    )
+    if rows:
+        print("error map calibration (|error| in the window):")
+        print(f"{'case':<24}{'top 5% MAE':>11}{'rest MAE':>10}{'ratio':>7}{'Spearman 8^3':>13}")
+    for r in rows:
+        print(
+            f"{r['case']:<24}{r['top_mae']:>11.3f}{r['rest_mae']:>10.3f}{r['ratio']:>7.2f}{r['spearman']:>13.3f}"
+        )
+    return [(name, f"error map: {message}") for name, message in failed]
 
 
 def _sensitivity(args: argparse.Namespace) -> int:

@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY.PATH=VALUE",
         help="override a config key (YAML value), e.g. --set data.patch_size=[32,32,32]; repeatable",
     )
-    parser.add_argument("--output", required=True, metavar="RUN_DIR", help="run folder")
+    parser.add_argument("-o", "--output", required=True, metavar="RUN_DIR", help="run folder")
     parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.pt")
 
 
