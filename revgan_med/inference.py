@@ -299,6 +299,8 @@ def infer_path(
 ) -> dict[str, float] | None:
     """Read a NIfTI file or DICOM series, `infer_volume(**options)`, write the result atomically.
 
+    For dmri-sr models the input may be a 6-channel DTI NIfTI or a DWI series (`load_dti`).
+
     `output_format` ``nifti`` writes `output_path` (``.nii``/``.nii.gz``) with a "derived" ``descrip``;
     ``dicom`` writes a new derived series into the new folder `output_path` (an existing one is
     refused), referencing the source series when the input is DICOM. `consistency_map` (NIfTI)
@@ -316,7 +318,12 @@ def infer_path(
     for path in (output_path, consistency_map):
         if path is not None:
             _refuse_overwrite(input_path, Path(path))
-    array, affine = load_volume(input_path, series_uid=series_uid)
+    if model.task == "dmri-sr":  # a DWI (NIfTI + .bval/.bvec, or DICOM) is fitted to tensors first
+        from revgan_med.data.transforms import load_dti
+
+        array, _, affine, _ = load_dti(input_path, series_uid)
+    else:
+        array, affine = load_volume(input_path, series_uid=series_uid)
     direction = options.get("direction", "forward")
     result = infer_volume(model, array, affine, consistency=consistency_map is not None, **options)
     description = derived_description(model, direction)

@@ -7,8 +7,8 @@ OUTPUT_DIR/report.csv (case,source,status,message). Volumes stay in HU (or scann
 
   ct-sr      target = the scan (cropped to a multiple of the factors), input = its thick-slice
              simulation (average of X·Y·Z voxel blocks) on its own low-resolution grid
-  dmri-sr    the same on a 6-channel DTI volume: a DWI NIfTI with .bval/.bvec beside it is fitted
-             with dipy first, a brain mask is computed
+  dmri-sr    the same on a 6-channel DTI volume: a DWI NIfTI with .bval/.bvec beside it or a DWI
+             DICOM series (converted by dcm2niix) is fitted with dipy first, a brain mask is computed
   ct-kernel  pairs INPUT_DIR/<case>/source + INPUT_DIR/<case>/target (NIfTI file or DICOM folder,
              grids must coincide) or --pairs CSV (case,source,target; paths relative to the CSV);
              --simulate-kernel makes a SIMULATED smooth→sharp pair from each single scan

@@ -24,8 +24,8 @@ import numpy as np
 
 from revgan_med.config import TASKS, ConfigError
 from revgan_med.data.degradation import SIMULATED_KERNEL_NOTE, simulate_kernel_pair, thick_slice
-from revgan_med.data.transforms import WindowSpec, brain_mask, fit_dti, parse_window
-from revgan_med.io import atomic_write_text, discover_volumes, is_nifti, load_volume, save_volume
+from revgan_med.data.transforms import WindowSpec, load_dti, parse_window
+from revgan_med.io import atomic_write_text, discover_volumes, load_volume, save_volume
 
 GRID_ATOL_MM = 1e-2  # source/target grids of a kernel pair must agree to 0.01 mm
 REPORT_FIELDS = ("case", "source", "status", "message")
@@ -101,28 +101,8 @@ def _make_ct_sr(job: Job, s: Settings) -> tuple[dict, str]:
             "target": (hr, affine, "high-resolution reference")}, ""  # fmt: skip
 
 
-def _dwi_gradients(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    from dipy.io import read_bvals_bvecs
-
-    stem = path.name[: -len(".nii.gz")] if path.name.lower().endswith(".gz") else path.stem
-    bval, bvec = path.with_name(stem + ".bval"), path.with_name(stem + ".bvec")
-    if not (bval.is_file() and bvec.is_file()):
-        raise ValueError(f"{path}: a DWI series needs {bval.name} and {bvec.name} beside it")
-    return read_bvals_bvecs(str(bval), str(bvec))
-
-
 def _make_dmri_sr(job: Job, s: Settings) -> tuple[dict, str]:
-    if not is_nifti(job.source):
-        raise ValueError(f"{job.source}: dmri-sr needs a NIfTI DWI (+ .bval/.bvec) or a 6-channel DTI NIfTI")
-    data, affine = load_volume(job.source)
-    if data.ndim != 4:
-        raise ValueError(f"{job.source}: expected a 4D DWI or 6-channel DTI volume, got shape {data.shape}")
-    if data.shape[3] == 6:
-        dti, mask, note = data, np.any(data != 0, axis=-1), "DTI as given"
-    else:
-        bvals, bvecs = _dwi_gradients(job.source)
-        mask = brain_mask(data, bvals)
-        dti, note = fit_dti(data, bvals, bvecs, mask), "tensor fitted from DWI"
+    dti, mask, affine, note = load_dti(job.source, job.series_uid)
     hr, mask = _crop_to_factors(dti, s.factors, str(job.source)), _crop_to_factors(mask, s.factors, "mask")
     lr, lr_affine = thick_slice(hr, affine, s.factors)
     f = ",".join(map(str, s.factors))
