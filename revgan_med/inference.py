@@ -295,6 +295,7 @@ def infer_path(
     series_uid: str | None = None,
     output_format: str = "nifti",
     consistency_map: str | Path | None = None,
+    tilt: str = "correct",
     **options: Any,
 ) -> dict[str, float] | None:
     """Read a NIfTI file or DICOM series, `infer_volume(**options)`, write the result atomically.
@@ -303,7 +304,8 @@ def infer_path(
 
     `output_format` ``nifti`` writes `output_path` (``.nii``/``.nii.gz``) with a "derived" ``descrip``;
     ``dicom`` writes a new derived series into the new folder `output_path` (an existing one is
-    refused), referencing the source series when the input is DICOM. `consistency_map` (NIfTI)
+    refused), referencing the source series when the input is DICOM; a gantry tilt corrected on
+    loading (`tilt`, see `load_volume`) is said in both. `consistency_map` (NIfTI)
     receives |G(F(x)) − x|; its summary (`consistency_summary`) is returned. Never writes over or
     inside the input.
     """
@@ -318,15 +320,16 @@ def infer_path(
     for path in (output_path, consistency_map):
         if path is not None:
             _refuse_overwrite(input_path, Path(path))
+    notes: list[str] = []
     if model.task == "dmri-sr":  # a DWI (NIfTI + .bval/.bvec, or DICOM) is fitted to tensors first
         from revgan_med.data.transforms import load_dti
 
         array, _, affine, _ = load_dti(input_path, series_uid)
     else:
-        array, affine = load_volume(input_path, series_uid=series_uid)
+        array, affine = load_volume(input_path, series_uid=series_uid, tilt=tilt, notes=notes)
     direction = options.get("direction", "forward")
     result = infer_volume(model, array, affine, consistency=consistency_map is not None, **options)
-    description = derived_description(model, direction)
+    description = derived_description(model, direction) + ("; tilt corrected" if notes else "")
     if output_format == "dicom":
         from revgan_med.io import save_dicom_series
 
@@ -338,7 +341,8 @@ def infer_path(
             result.array,
             result.affine,
             output_path,
-            series_description=f"revgan-med derived {model.name} {direction}",
+            series_description=f"revgan-med derived {model.name} {direction}"
+            + (" tilt-corrected" if notes else ""),
             source=None if is_nifti(input_path) else input_path,
             source_series_uid=series_uid,
         )

@@ -60,6 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--val-fraction", type=float, default=0.2, help="validation share (default 0.2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the training/validation split")
+    parser.add_argument(
+        "--tilt", default="correct", choices=("correct", "refuse"),
+        help="gantry-tilted CT: resample onto an orthogonal grid (default) or refuse the series",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         seed=args.seed,
         simulate_kernel=args.simulate_kernel,
+        tilt=args.tilt,
     )
     counts = ", ".join(f"{report.count(s)} {s}" for s in ("ok", "skipped", "failed"))
     print(f"{counts}; report: {report.report_path}; datalist: {report.datalist_path}")

@@ -26,6 +26,7 @@ from revgan_med.config import TASKS, ConfigError
 from revgan_med.data.degradation import SIMULATED_KERNEL_NOTE, simulate_kernel_pair, thick_slice
 from revgan_med.data.transforms import WindowSpec, load_dti, parse_window
 from revgan_med.io import atomic_write_text, discover_volumes, load_volume, save_volume
+from revgan_med.io.tilt import TILT_MODES
 
 GRID_ATOL_MM = 1e-2  # source/target grids of a kernel pair must agree to 0.01 mm
 REPORT_FIELDS = ("case", "source", "status", "message")
@@ -52,6 +53,7 @@ class Settings:
     task: str
     factors: tuple[int, int, int]
     simulate_kernel: bool
+    tilt: str = "correct"  # gantry-tilted CT: "correct" (resample) or "refuse"
 
 
 @dataclass
@@ -91,14 +93,15 @@ def _crop_to_factors(array: np.ndarray, factors: Sequence[int], where: str) -> n
 
 
 def _make_ct_sr(job: Job, s: Settings) -> tuple[dict, str]:
-    hu, affine = load_volume(job.source, series_uid=job.series_uid)
+    notes: list[str] = []  # e.g. a gantry tilt corrected while loading: said in every description
+    hu, affine = load_volume(job.source, series_uid=job.series_uid, tilt=s.tilt, notes=notes)
     if hu.ndim != 3:
         raise ValueError(f"{job.source}: expected a 3D CT volume, got shape {hu.shape}")
     hr = _crop_to_factors(hu, s.factors, str(job.source))  # the crop keeps voxel 0, so the affine holds
     lr, lr_affine = thick_slice(hr, affine, s.factors)
-    f = ",".join(map(str, s.factors))
-    return {"image": (lr, lr_affine, f"simulated thick-slice input, factors {f}"),
-            "target": (hr, affine, "high-resolution reference")}, ""  # fmt: skip
+    f, extra = ",".join(map(str, s.factors)), "".join(f"; {n}" for n in notes)
+    return {"image": (lr, lr_affine, f"simulated thick-slice input, factors {f}{extra}"),
+            "target": (hr, affine, f"high-resolution reference{extra}")}, "; ".join(notes)  # fmt: skip
 
 
 def _make_dmri_sr(job: Job, s: Settings) -> tuple[dict, str]:
@@ -112,23 +115,25 @@ def _make_dmri_sr(job: Job, s: Settings) -> tuple[dict, str]:
 
 
 def _make_ct_kernel(job: Job, s: Settings) -> tuple[dict, str]:
-    source, affine = load_volume(job.source, series_uid=job.series_uid)
+    notes: list[str] = []
+    source, affine = load_volume(job.source, series_uid=job.series_uid, tilt=s.tilt, notes=notes)
     if source.ndim != 3:
         raise ValueError(f"{job.source}: expected a 3D CT volume, got shape {source.shape}")
     if s.simulate_kernel:
         smooth, sharp = simulate_kernel_pair(source, _spacing(affine), seed=zlib.crc32(job.case.encode()))
         return {"image": (smooth, affine, "SIMULATED smooth kernel"),
                 "target": (sharp, affine, "SIMULATED sharp kernel")}, SIMULATED_KERNEL_NOTE  # fmt: skip
-    target, target_affine = load_volume(job.target)
+    target, target_affine = load_volume(job.target, tilt=s.tilt, notes=notes)
     if source.shape != target.shape or not np.allclose(affine, target_affine, atol=GRID_ATOL_MM):
         raise ValueError(
             f"{job.source} and {job.target}: grids do not coincide (shapes {source.shape} / {target.shape}, "
             f"max affine difference {np.abs(affine - target_affine).max():.3g} mm)"
         )
+    extra = "".join(f"; {n}" for n in notes)
     return {
-        "image": (source, affine, "source kernel"),
-        "target": (target, target_affine, "target kernel"),
-    }, ""
+        "image": (source, affine, f"source kernel{extra}"),
+        "target": (target, target_affine, f"target kernel{extra}"),
+    }, "; ".join(notes)
 
 
 MAKERS = {"ct-sr": _make_ct_sr, "dmri-sr": _make_dmri_sr, "ct-kernel": _make_ct_kernel}
@@ -273,12 +278,14 @@ def preprocess(
     val_fraction: float = 0.2,
     seed: int = 0,
     simulate_kernel: bool = False,
+    tilt: str = "correct",
     progress: bool = True,
 ) -> PreprocessReport:
     """Preprocess every case under `input_dir` into `output_dir` (see the module docstring).
 
     Usage errors (missing folder, bad task/window/factors) raise `ConfigError`; failures of single
-    cases are rows with status "failed" in the report. `window` is recorded in the datalist.
+    cases are rows with status "failed" in the report. `window` is recorded in the datalist. `tilt`:
+    gantry-tilted CT series are resampled onto an orthogonal grid ("correct") or fail ("refuse").
     """
     from tqdm import tqdm
 
@@ -289,7 +296,9 @@ def preprocess(
         lo, hi = parse_window(window)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    settings = Settings(task, f, simulate_kernel)
+    if tilt not in TILT_MODES:
+        raise ConfigError(f"tilt {tilt!r}: expected one of {', '.join(TILT_MODES)}")
+    settings = Settings(task, f, simulate_kernel, tilt)
     jobs = find_jobs(input_dir, output_dir, task=task, pairs_csv=pairs, simulate_kernel=simulate_kernel)
     output_dir.mkdir(parents=True, exist_ok=True)
     rows: list[CaseResult] = []
