@@ -27,7 +27,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
 from revgan_med import __version__
-from revgan_med.io.tilt import TILT_MODES, sideways_shear, tilt_degrees, untilt
+from revgan_med.io.tilt import TILT_MODES, correct_tilt
 from revgan_med.io.volumes import VolumeError
 
 # header tags read by discovery, series selection and the writer (pixels are never read for these)
@@ -254,8 +254,8 @@ def _assemble(planes: list[_Plane], *, where: Path, tilt: str = "correct",
         axis=-1,
     ).astype(np.float32)
     if len(positions) > 1:
-        volume = _tilt(volume, positions, (row, col, normal, first.spacing), step, where=where, tilt=tilt,
-                       notes=notes)  # fmt: skip
+        frame = (row, col, normal, first.spacing)
+        volume = correct_tilt(volume, positions, frame, step, where=where, tilt=tilt, notes=notes)
     lps = np.eye(4)
     lps[:3, 0] = row * first.spacing[1]  # x runs along a row: column spacing
     lps[:3, 1] = col * first.spacing[0]
@@ -290,26 +290,6 @@ def _slice_step(positions: np.ndarray, normal: np.ndarray, thickness: float | No
             f"(median spacing {step:.3f} mm); resample the series before use"
         )
     return (depth[-1] - depth[0]) / (len(positions) - 1)
-
-
-def _tilt(volume: np.ndarray, positions: np.ndarray, frame: tuple[np.ndarray, ...], step: float, *,
-          where: Path, tilt: str, notes: list[str] | None) -> np.ndarray:  # fmt: skip
-    """`volume` on the orthogonal grid when its slice origins drift sideways by a gantry tilt."""
-    row, col, normal, spacing = frame
-    shear, deviation, drift = sideways_shear(positions, normal)
-    if not shear.any():
-        return volume
-    if deviation >= 0.05:
-        raise VolumeError(f"{where}: slice positions are scattered sideways by up to {drift:.3f} mm")
-    angle = tilt_degrees(shear, step)
-    if tilt == "refuse":
-        raise VolumeError(
-            f"{where}: gantry tilt of {angle:.2f} degrees (slice positions are not along the "
-            "slice normal); reconstruct without tilt or resample the series before use"
-        )
-    if notes is not None:
-        notes.append(f"gantry tilt {angle:.2f} deg corrected")
-    return untilt(volume, (shear @ row / spacing[1], shear @ col / spacing[0]), fill=float(volume.min()))
 
 
 def save_dicom_series(

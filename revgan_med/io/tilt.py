@@ -8,7 +8,11 @@ no acquired slice covers take `fill`. The slice spacing of that grid is the spac
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+
+from revgan_med.io.volumes import VolumeError
 
 TILT_MODES = ("correct", "refuse")
 
@@ -45,3 +49,25 @@ def untilt(volume: np.ndarray, shift_per_slice: tuple[float, float], fill: float
         offset = (k * shift_per_slice[0], k * shift_per_slice[1])
         out[:, :, k] = shift(volume[:, :, k], offset, order=1, mode="constant", cval=fill)
     return out
+
+
+def correct_tilt(volume: np.ndarray, positions: np.ndarray, frame: tuple, step: float, *, where: Path,
+                 tilt: str, notes: list[str] | None) -> np.ndarray:  # fmt: skip
+    """`volume` (x, y, z) on the orthogonal grid when its slice origins `positions` (sorted along the
+    normal, `step` mm apart) drift sideways by a gantry tilt; `frame` is (row, column, normal, pixel
+    spacing). Refused (VolumeError naming `where`) with `tilt` "refuse" or when the drift is uneven."""
+    row, col, normal, spacing = frame
+    shear, deviation, drift = sideways_shear(positions, normal)
+    if not shear.any():
+        return volume
+    if deviation >= 0.05:
+        raise VolumeError(f"{where}: slice positions are scattered sideways by up to {drift:.3f} mm")
+    angle = tilt_degrees(shear, step)
+    if tilt == "refuse":
+        raise VolumeError(
+            f"{where}: gantry tilt of {angle:.2f} degrees (slice positions are not along the "
+            "slice normal); reconstruct without tilt or resample the series before use"
+        )
+    if notes is not None:
+        notes.append(f"gantry tilt {angle:.2f} deg corrected")
+    return untilt(volume, (shear @ row / spacing[1], shear @ col / spacing[0]), fill=float(volume.min()))
