@@ -187,7 +187,13 @@ def config_from_dict(values: dict[str, Any] | None, overrides: typing.Sequence[s
             if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {k!r} is not a section")
         node[keys[-1]] = value
-    return _build(Config, merged, "")
+    config = _build(Config, merged, "")
+    if config.loss.gan != "none":  # refused here rather than after the set-up, at the first GAN step
+        from revgan_med.networks.discriminators import patch_problem
+
+        if problem := patch_problem(config.data.patch_size):
+            raise ConfigError(f"config key 'data.patch_size': {problem} (or set loss.gan=none)")
+    return config
 
 
 def _merge(into: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:

@@ -39,6 +39,7 @@ def test_overrides_parse_yaml_values_and_int_is_accepted_for_float():
         ({}, ["task=ct-foo"], "'task'"),
         ({"train": 3}, [], "'train'"),
         ({}, ["train.steps"], "key.path=value"),
+        ({}, ["data.patch_size=[64, 64, 6]"], "'data.patch_size': the PatchGAN needs three patch sides >= 8"),
     ],
 )
 def test_bad_keys_and_types_are_one_line_errors_naming_the_key(values, overrides, needle):
@@ -67,3 +68,8 @@ def test_config_file_errors_name_the_file(tmp_path):
     bad.write_text("model: {width: 8, oops: 1}\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml.*model\.oops"):
         load_config(bad)
+
+
+def test_thin_patches_pass_with_the_gan_and_any_patch_without_it():
+    assert config_from_dict({}, ["data.patch_size=[64, 64, 8]"]).data.patch_size == [64, 64, 8]
+    assert config_from_dict({}, ["data.patch_size=[16, 16, 4]", "loss.gan=none"]).loss.gan == "none"
