@@ -224,7 +224,7 @@ def infer_volume(
     patch, target to the checkpoint's `infer.target_size` capped at half the context, batch size to
     the checkpoint's `infer.batch_size`.
     """
-    from revgan_med.data.degradation import thick_slice, upsample_to_hr
+    from revgan_med.data.degradation import input_support, thick_slice, upsample_to_hr
     from revgan_med.data.transforms import CTWindow, DTIScale, intensity_from_dict
 
     if direction not in ("forward", "inverse"):
@@ -236,11 +236,13 @@ def infer_volume(
             f"{model.task} expects (x, y, z{'' if channels == 1 else f', {channels}'}), got {grid.shape}"
         )
     super_res = any(f > 1 for f in model.factors)
+    up = model.factors if super_res and direction == "forward" else (1, 1, 1)
+    brain = input_support(grid, grid_affine, up) if channels > 1 else None  # where the DTI scale is fitted
     if super_res and direction == "forward":
         grid, grid_affine = upsample_to_hr(grid, grid_affine, model.factors, mode=model.upsample)
     mapping = intensity_from_dict(model.intensity)
     if isinstance(mapping, DTIScale) and mapping.scales is None:
-        mapping = mapping.fit(grid)  # dMRI scales come from the input itself, as in training
+        mapping = mapping.fit(grid, brain)  # dMRI scales come from the input itself, as in training
     context = _triple(context_size if context_size is not None else model.patch_size, "context_size")
     if target_size is None:
         target_size = min(model.target_size, *(max(1, c // 2) for c in context))
