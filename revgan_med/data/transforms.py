@@ -256,15 +256,23 @@ def load_dti(
     from revgan_med.io.dwi import load_dwi
 
     path = Path(path)
-    if is_nifti(path):
+    if is_nifti(path) and _nifti_channels(path) == 6:
         data, affine = load_volume(path)
-        if data.ndim != 4:
-            raise ValueError(f"{path}: expected a 4D DWI or 6-channel DTI volume, got shape {data.shape}")
-        if data.shape[3] == 6:
-            return data, np.any(data != 0, axis=-1), affine, "DTI as given"
+        return data, np.any(data != 0, axis=-1), affine, "DTI as given"
     dwi = load_dwi(path, series_uid)
     mask = brain_mask(dwi.data, dwi.bvals)
     return fit_dti(dwi.data, dwi.bvals, dwi.bvecs, mask), mask, dwi.affine, "tensor fitted from DWI"
+
+
+def _nifti_channels(path: Path) -> int | None:
+    """Volumes (last axis) of a 4D NIfTI from its header alone; None when 3D or unreadable."""
+    import nibabel as nib
+
+    try:
+        shape = nib.load(str(path)).shape
+    except Exception:  # nibabel raises many types; load_volume reports the problem with the path
+        return None
+    return shape[-1] if len(shape) >= 4 else None  # (x, y, z, 1, c): vector images as ITK writes them
 
 
 def interior_mask(mask: np.ndarray) -> np.ndarray:
