@@ -104,3 +104,25 @@ def test_preprocess_labels_the_correction_and_tilt_refuse_fails_the_case(tmp_pat
     out = tmp_path / "b"
     assert main(["preprocess", str(tmp_path / "scans"), str(out), "--task", "ct-sr", "--tilt", "refuse"]) == 1
     assert "gantry tilt of 11.31 degrees" in (out / "report.csv").read_text()
+
+
+def test_infer_labels_the_correction_and_can_refuse(tmp_path, rng):
+    import torch
+
+    from revgan_med.inference import Model, infer_path
+
+    class Identity(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+        inverse = forward
+
+    stack = rng.integers(-1000, 300, size=(8, 6, 6)).astype(np.int16)
+    write_series(tmp_path / "tilted", stack, [(0.0, 0.5 * k, 2.5 * k) for k in range(8)], rng=rng)
+    model = Model(Identity(), "ct-kernel", {"kind": "ct-window", "window": [-1150.0, 350.0]}, (8, 8, 8))
+    infer_path(model, tmp_path / "tilted", tmp_path / "out.nii.gz")
+    out = nib.load(tmp_path / "out.nii.gz")
+    assert b"tilt corrected" in out.header["descrip"].tobytes()
+    np.testing.assert_allclose(out.get_fdata(), load_volume(tmp_path / "tilted")[0], atol=0.05)
+    with pytest.raises(VolumeError, match="gantry tilt"):
+        infer_path(model, tmp_path / "tilted", tmp_path / "refused.nii.gz", tilt="refuse")
