@@ -83,9 +83,7 @@ def load_case(
     image, image_affine = load_volume(case["image"])
     target, affine = load_volume(case["target"])
     if task == "dmri-sr":  # the brain as the input shows it: the DTI scaling is fitted there
-        brain = input_support(
-            image, image_affine, factors if task in SR_TASKS else (1, 1, 1), target.shape[:3]
-        )
+        brain = input_support(image, image_affine, factors, target.shape[:3])
     if task in SR_TASKS:
         image, image_affine = upsample_to_hr(
             image, image_affine, factors, mode=upsample, hr_shape=target.shape[:3]
