@@ -109,13 +109,17 @@ def _convert_dicom(path: Path, series_uid: str | None) -> DWI:
     from revgan_med.io.dicom import select_series
 
     series = select_series(path, series_uid)
+    try:
+        binary = dcm2niix_executable()
+    except VolumeError as exc:
+        raise VolumeError(f"{path}: {exc}") from None
     with tempfile.TemporaryDirectory(prefix="revgan-dwi-") as tmp:
         source, out = Path(tmp) / "dicom", Path(tmp) / "nifti"
         source.mkdir()
         out.mkdir()
         for i, file in enumerate(series.files):  # links keep other series in the folder out
             (source / f"{i:06d}.dcm").symlink_to(file.resolve())
-        command = [dcm2niix_executable(), "-z", "n", "-b", "n", "-d", "0", "-f", "dwi", "-o", str(out)]
+        command = [binary, "-z", "n", "-b", "n", "-d", "0", "-f", "dwi", "-o", str(out)]
         try:
             done = subprocess.run(command + [str(source)], capture_output=True, text=True,
                                   timeout=DCM2NIIX_TIMEOUT_S)  # fmt: skip
