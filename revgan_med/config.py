@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -18,6 +19,8 @@ import yaml
 
 from revgan_med.tasks import DEFAULT_FACTORS, DEFAULT_WINDOW, TASKS, UPSAMPLE_MODES
 
+MIN_PATCH_SIDE = 8  # the smallest training patch side the adapted PatchGAN is built for
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
@@ -25,7 +28,6 @@ class ConfigError(ValueError):
 
 def _choices(*values: str) -> dict[str, Any]:
     return {"choices": values}
-
 
 
 @dataclass
@@ -188,7 +190,17 @@ def config_from_dict(values: dict[str, Any] | None, overrides: typing.Sequence[s
         node[keys[-1]] = value
     config = _build(Config, merged, "")
     _check_values(config)
+    problem = patch_problem(config.data.patch_size) if config.loss.gan != "none" else None
+    if problem:  # refused here rather than after the set-up, at the first GAN step
+        raise ConfigError(f"config key 'data.patch_size': {problem} (or set loss.gan=none)")
     return config
+
+
+def patch_problem(patch_size: Sequence[int]) -> str | None:
+    """Why the PatchGAN cannot judge training patches of `patch_size`, or None when it can."""
+    if len(patch_size) != 3 or min(patch_size) < MIN_PATCH_SIDE:
+        return f"the PatchGAN needs three patch sides >= {MIN_PATCH_SIDE}, got {list(patch_size)}"
+    return None
 
 
 # keys whose values must be >= the bound (checked before a run writes anything)

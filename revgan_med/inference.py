@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from revgan_med.checkpoints import Model, load_checkpoint, model_from_checkpoint, require_keys
-from revgan_med.data.degradation import thick_slice, upsample_to_hr
+from revgan_med.data.degradation import input_support, thick_slice, upsample_to_hr
 from revgan_med.data.transforms import CTWindow, DTIScale, intensity_from_dict
 from revgan_med.runtime import resolve_device
 from revgan_med.tasks import TASK_CHANNELS
@@ -103,11 +103,13 @@ def infer_volume(
             f"{model.task} expects (x, y, z{'' if channels == 1 else f', {channels}'}), got {grid.shape}"
         )
     super_res = any(f > 1 for f in model.factors)
+    up = model.factors if super_res and direction == "forward" else (1, 1, 1)
+    brain = input_support(grid, grid_affine, up) if channels > 1 else None  # where the DTI scale is fitted
     if super_res and direction == "forward":
         grid, grid_affine = upsample_to_hr(grid, grid_affine, model.factors, mode=model.upsample)
     mapping = intensity_from_dict(model.intensity)
     if isinstance(mapping, DTIScale) and mapping.scales is None:
-        mapping = mapping.fit(grid)  # dMRI scales come from the input itself, as in training
+        mapping = mapping.fit(grid, brain)  # dMRI scales come from the input itself, as in training
     target, context = window_sizes(
         grid.shape[:3], patch_size=model.patch_size, margin=model.margin,
         target_size=model.target_size if target_size is None else target_size,

@@ -16,6 +16,7 @@ from typing import Any
 from tqdm import tqdm
 
 from revgan_med.checkpoints import Model
+from revgan_med.data.transforms import load_dti
 from revgan_med.errormap import flip_disagreement
 from revgan_med.inference import consistency_summary, infer_volume
 from revgan_med.io import VolumeRef, discover_volumes, load_volume, save_dicom_series, save_volume
@@ -45,13 +46,17 @@ def infer_path(
     output_format: str = "nifti",
     consistency_map: str | Path | None = None,
     map_kind: str = "cycle",
+    tilt: str = "correct",
     **options: Any,
 ) -> dict[str, float] | None:
     """Read a NIfTI file or DICOM series, `infer_volume(**options)`, write the result atomically.
 
+    For dmri-sr models the input may be a 6-channel DTI NIfTI or a DWI series (`load_dti`).
+
     `output_format` ``nifti`` writes `output_path` (``.nii``/``.nii.gz``) with a "derived" ``descrip``;
     ``dicom`` writes a new derived series into the new folder `output_path` (an existing one is
-    refused), referencing the source series when the input is DICOM. `consistency_map` (NIfTI)
+    refused), referencing the source series when the input is DICOM; a gantry tilt corrected on
+    loading (`tilt`, see `load_volume`) is said in both. `consistency_map` (NIfTI)
     receives |G(F(x)) − x| (`map_kind` ``cycle``) or the error map
     `revgan_med.errormap.flip_disagreement` (``flips``); its summary (`consistency_summary`) is
     returned. Never writes over or inside the input.
@@ -67,7 +72,11 @@ def infer_path(
         if path is not None:
             _refuse_overwrite(input_path, Path(path))
             check_output_location(path)
-    array, affine = load_volume(input_path, series_uid=series_uid)
+    notes: list[str] = []
+    if model.task == "dmri-sr":  # a DWI (NIfTI + .bval/.bvec, or DICOM) is fitted to tensors first
+        array, _, affine, _ = load_dti(input_path, series_uid)
+    else:
+        array, affine = load_volume(input_path, series_uid=series_uid, tilt=tilt, notes=notes)
     require_finite(array, input_path)  # cubic upsampling and convolutions would spread NaN/Inf everywhere
     if min(array.shape[:3]) < 2:
         raise ValueError(f"{input_path}: a 2D image (shape {array.shape}); infer needs a 3D volume")
@@ -77,7 +86,7 @@ def infer_path(
     cycle = consistency_map is not None and map_kind == "cycle"
     result = infer_volume(model, array, affine, consistency=cycle, **options)
     require_finite(result.array, f"{input_path}: the model's output")  # e.g. a checkpoint with NaN weights
-    description = derived_description(model, direction)
+    description = derived_description(model, direction) + ("; tilt corrected" if notes else "")
     if output_format == "dicom":
         if result.array.ndim != 3:
             raise ValueError(
@@ -87,7 +96,8 @@ def infer_path(
             result.array,
             result.affine,
             output_path,
-            series_description=f"revgan-med derived {model.name} {direction}",
+            series_description=f"revgan-med derived {model.name} {direction}"
+            + (" tilt-corrected" if notes else ""),
             source=None if is_nifti(input_path) else input_path,
             source_series_uid=series_uid,
         )

@@ -39,6 +39,7 @@ def test_overrides_parse_yaml_values_and_int_is_accepted_for_float():
         ({}, ["task=ct-foo"], "'task'"),
         ({"train": 3}, [], "'train'"),
         ({}, ["train.steps"], "key.path=value"),
+        ({}, ["data.patch_size=[64, 64, 6]"], "'data.patch_size': the PatchGAN needs three patch sides >= 8"),
     ],
 )
 def test_bad_keys_and_types_are_one_line_errors_naming_the_key(values, overrides, needle):
@@ -90,3 +91,8 @@ def test_values_no_run_can_use_are_refused_naming_the_key(override, key):
 def test_edge_values_that_runs_use_are_accepted():
     config = config_from_dict({}, ["train.lr=0", "data.num_workers=0", "data.factors=[1,1,1]"])
     assert config.train.lr == 0 and config.data.factors == [1, 1, 1]
+
+
+def test_thin_patches_pass_with_the_gan_and_any_patch_without_it():
+    assert config_from_dict({}, ["data.patch_size=[64, 64, 8]"]).data.patch_size == [64, 64, 8]
+    assert config_from_dict({}, ["data.patch_size=[16, 16, 4]", "loss.gan=none"]).loss.gan == "none"

@@ -52,3 +52,27 @@ def test_thesis_settings():
     assert dmri.data.patch_size == [24] * 3 and TASK_CHANNELS[dmri.task] == 6
     demo = load_config(CONFIGS[0].parent / "demo.yaml")
     assert max(demo.data.patch_size) <= 32 and demo.model.width <= 16 and demo.train.steps <= 500
+
+
+def test_untrained_dmri_model_is_tricubic_interpolation():
+    """dmri_sr_paired: tricubic input + residual generator, so training starts from the best classical
+    baseline; the DTI scaling is fitted inside the input's (masked) brain."""
+    import numpy as np
+    import torch
+
+    from revgan_med.checkpoints import build_generator_from_config
+    from revgan_med.data.degradation import upsample_to_hr
+    from revgan_med.inference import Model, infer_volume
+
+    config = load_config(CONFIGS[0].parent / "dmri_sr_paired.yaml", ["model.width=4", "model.depth=1"])
+    assert (config.data.upsample, config.model.residual, config.model.disc_width) == ("tricubic", True, 16)
+    torch.manual_seed(0)
+    generator = build_generator_from_config(config).eval()
+    lr = np.zeros((10, 9, 8, 6), np.float32)
+    lr[2:8, 2:7, 2:6] = np.random.default_rng(0).normal(size=(6, 5, 4, 6)) * 1e-3  # zero outside the brain
+    model = Model(generator, "dmri-sr", {"kind": "dti-scale", "percentile": 99.5, "scales": None},
+                  (24, 24, 24), factors=(2, 2, 2), upsample="tricubic", target_size=8)  # fmt: skip
+    out = infer_volume(model, lr, np.eye(4))
+    expected, affine = upsample_to_hr(lr, np.eye(4), (2, 2, 2), mode="tricubic")
+    np.testing.assert_allclose(out.array, expected, atol=1e-9)
+    np.testing.assert_allclose(out.affine, affine)

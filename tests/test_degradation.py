@@ -122,3 +122,14 @@ def test_simulated_kernels_blur_and_sharpen_with_documented_noise():
 
     assert edge_width(smooth) > edge_width(sharp)
     assert abs(smooth[40:56].mean()) < 5 and abs(sharp[40:56].mean()) < 10  # MTF(0) = 1 keeps the HU
+
+
+def test_input_support_is_the_non_zero_lr_voxels_on_the_hr_grid():
+    from revgan_med.data.degradation import input_support
+
+    lr = np.zeros((4, 3, 2, 6), np.float32)
+    lr[1, 2, 0, 3] = -1.0  # one voxel, one channel non-zero
+    support = input_support(lr, np.eye(4), (2, 2, 4), hr_shape=(8, 6, 7))
+    expected = np.zeros((8, 6, 7), bool)
+    expected[2:4, 4:6, 0:4] = True
+    np.testing.assert_array_equal(support, expected)

@@ -158,13 +158,6 @@ def test_irregular_slice_positions_refused(tmp_path, rng, stack, steps, message)
     assert str(info.value).startswith(str(tmp_path / "s")) and "\n" not in str(info.value)
 
 
-def test_gantry_tilt_refused(tmp_path, rng, stack):
-    positions = [(0.0, 0.9 * k, 2.5 * k) for k in range(7)]  # slices slide along y: tilted gantry
-    write_series(tmp_path / "s", stack, positions, rng=rng)
-    with pytest.raises(VolumeError, match="gantry tilt"):
-        load_volume(tmp_path / "s")
-
-
 def test_inconsistent_slices_refused(tmp_path, rng, stack):
     uid = generate_uid()
     write_slice(tmp_path / "a" / "1.dcm", stack[0], (0, 0, 0), series_uid=uid)

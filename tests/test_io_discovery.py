@@ -87,5 +87,6 @@ def test_shared_data(shared_data):
         "ct_kernel_pair_philips_B_L/B",
         "ct_kernel_pair_philips_B_L/L",
         "dicom_transfer_syntaxes",
+        "dwi_brain_philips_dicom/dicom",
     ]
     assert sum(ref.series_uid is None for ref in refs) == 6  # the NIfTI files

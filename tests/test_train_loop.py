@@ -126,6 +126,16 @@ def test_training_writes_the_run_folder_and_self_describing_checkpoints(datalist
         assert generator(torch.zeros(1, 1, 24, 24, 24)).shape == (1, 1, 24, 24, 24)
 
 
+def test_a_twenty_slice_pair_trains_with_the_gan(tmp_path):
+    """A thin slab (the shared Philips kernel pair has 20 slices) trains with the PatchGAN on."""
+    datalist = write_kernel_datalist(tmp_path / "thin", cases=2, shape=(40, 40, 20))
+    config = tiny_config(datalist, "data.patch_size=[32, 32, 20]", "train.steps=1", "infer.target_size=16")
+    last = train(config, tmp_path / "run")
+    row = _rows(tmp_path / "run")[0]
+    assert float(row["d_loss"]) > 0 and float(row["g_loss"]) > 0
+    assert torch.load(last, weights_only=True)["step"] == 1
+
+
 def test_a_run_folder_is_never_silently_overwritten(datalist, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint to resume"):
         train(tiny_config(datalist), tmp_path / "empty", resume=True)

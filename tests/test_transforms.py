@@ -147,3 +147,16 @@ def test_real_dwi_tensor_fit_and_mask(shared_data):
     assert inner.sum() > 0 and not dti[~mask].any()
     # brain mean diffusivity at b=1000 is about 0.7–0.9e-3 mm²/s (CSF up to 3e-3)
     assert 5e-4 < np.median(md[inner]) < 1.3e-3
+
+
+def test_brain_mask_keeps_the_largest_component_and_fills_its_holes():
+    # a bright "brain" ball with a dark "ventricle" inside and a separate bright "eye"
+    x, y, z = np.meshgrid(*(np.arange(n) for n in (40, 40, 24)), indexing="ij")
+    brain = (x - 20) ** 2 + (y - 18) ** 2 + ((z - 12) * 1.5) ** 2 < 12**2
+    ventricle = (x - 20) ** 2 + (y - 18) ** 2 + ((z - 12) * 1.5) ** 2 < 4**2
+    eye = (x - 20) ** 2 + (y - 36) ** 2 + (z - 12) ** 2 < 3**2
+    b0 = np.where(brain & ~ventricle, 1000.0, 0.0) + np.where(eye, 1000.0, 0.0)
+    b0 += np.random.default_rng(0).normal(0, 10, b0.shape)
+    mask = brain_mask(np.stack([b0, b0 * 0.5], axis=-1), np.array([0.0, 1000.0]))
+    assert mask[ventricle].all() and not mask[eye].any()
+    assert (mask ^ brain).mean() < 0.01  # the ball itself, up to its rim

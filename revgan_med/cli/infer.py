@@ -75,6 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--shard", default="0/1", help="process the i-th of n slices of a folder (default: 0/1)"
     )
     parser.add_argument(
+        "--tilt", default="correct", choices=("correct", "refuse"),
+        help="gantry-tilted CT: resample onto an orthogonal grid (default) or refuse the series",
+    )  # fmt: skip
+    parser.add_argument(
         "--keep-out-of-window",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -131,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         amp=args.amp,
         keep_out_of_window=args.keep_out_of_window,
+        tilt=args.tilt,
     )
     for source, output, summary in report.done:
         line = f"{source} -> {output}"

@@ -7,8 +7,8 @@ OUTPUT_DIR/report.csv (case,source,status,message). Volumes stay in HU (or scann
 
   ct-sr      target = the scan (cropped to a multiple of the factors), input = its thick-slice
              simulation (average of X·Y·Z voxel blocks) on its own low-resolution grid
-  dmri-sr    the same on a 6-channel DTI volume: a DWI NIfTI with .bval/.bvec beside it is fitted
-             with dipy first, a brain mask is computed
+  dmri-sr    the same on a 6-channel DTI volume: a DWI NIfTI with .bval/.bvec beside it or a DWI
+             DICOM series (converted by dcm2niix) is fitted with dipy first, a brain mask is computed
   ct-kernel  pairs INPUT_DIR/<case>/source + INPUT_DIR/<case>/target (NIfTI file or DICOM folder,
              grids must coincide) or --pairs CSV (case,source,target; paths relative to the CSV);
              --simulate-kernel makes a SIMULATED smooth→sharp pair from each single scan
@@ -69,6 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shard", default="0/1", help="make the i-th of n slices of the cases (default: 0/1)"
     )
+    parser.add_argument(
+        "--tilt", default="correct", choices=("correct", "refuse"),
+        help="gantry-tilted CT: resample onto an orthogonal grid (default) or refuse the series",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         simulate_kernel=args.simulate_kernel,
         shard=shard,
+        tilt=args.tilt,
     )
     counts = ", ".join(f"{report.count(s)} {s}" for s in ("ok", "skipped", "failed"))
     print(f"{counts}; report: {report.report_path}; datalist: {report.datalist_path}")

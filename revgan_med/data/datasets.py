@@ -17,7 +17,7 @@ import torch
 from monai.transforms import Transform
 from torch.utils.data import Dataset
 
-from revgan_med.data.degradation import upsample_to_hr
+from revgan_med.data.degradation import input_support, upsample_to_hr
 from revgan_med.data.sampling import crop, ct_foreground, pad_to_size, sample_origin
 from revgan_med.data.transforms import (
     CTWindow,
@@ -81,6 +81,8 @@ def load_case(
     """
     image, image_affine = load_volume(case["image"])
     target, affine = load_volume(case["target"])
+    if task == "dmri-sr":  # the brain as the input shows it: the DTI scaling is fitted there
+        brain = input_support(image, image_affine, factors, target.shape[:3])
     if task in SR_TASKS:
         image, image_affine = upsample_to_hr(
             image, image_affine, factors, mode=upsample, hr_shape=target.shape[:3]
@@ -92,7 +94,7 @@ def load_case(
         mask = load_volume(case["mask"])[0] > 0 if "mask" in case else np.any(target != 0, axis=-1)
         image_mask = mask
         if isinstance(mapping, DTIScale) and mapping.scales is None:
-            mapping = mapping.fit(image)  # non-zero input voxels: what inference can do too
+            mapping = mapping.fit(image, brain)  # inside the input's brain: what inference can do too
     else:
         mask, image_mask = ct_foreground(target), ct_foreground(image)
     return {

@@ -116,6 +116,20 @@ def upsample_to_hr(
     return np.ascontiguousarray(hr), np.asarray(lr_affine, dtype=np.float64) @ np.linalg.inv(block_matrix(f))
 
 
+def input_support(
+    lr_array: np.ndarray, lr_affine: np.ndarray, factors: Sequence[int], hr_shape: Sequence[int] | None = None
+) -> np.ndarray:
+    """Bool (x, y, z) on the HR grid: voxels whose LR voxel is non-zero in any channel.
+
+    A masked DTI input (zero outside the brain) carries its brain mask this way, so training and
+    inference can fit the DTI scaling inside the brain from the input alone (an interpolated input
+    is non-zero almost everywhere).
+    """
+    lr = np.asarray(lr_array)
+    support = (np.any(lr != 0, axis=-1) if lr.ndim == 4 else lr != 0).astype(np.float32)
+    return upsample_to_hr(support, lr_affine, factors, mode="nearest", hr_shape=hr_shape)[0] > 0.5
+
+
 def gaussian_mtf(freq: np.ndarray, mtf50: float) -> np.ndarray:
     """Gaussian MTF with MTF(mtf50) = 0.5; `freq` and `mtf50` in cycles/mm."""
     return np.exp(-np.log(2.0) * (freq / mtf50) ** 2)

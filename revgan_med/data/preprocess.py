@@ -21,13 +21,14 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from revgan_med.config import ConfigError
 from revgan_med.data.degradation import SIMULATED_KERNEL_NOTE, simulate_kernel_pair, thick_slice
-from revgan_med.data.transforms import brain_mask, fit_dti
-from revgan_med.io import atomic_write_text, discover_volumes, is_nifti, load_volume, save_volume
+from revgan_med.data.transforms import load_dti
+from revgan_med.io import atomic_write_text, discover_volumes, load_volume, save_volume
 from revgan_med.io.atomic import remove_stale_temps
 from revgan_med.io.checks import (
     check_output_location,
@@ -36,7 +37,9 @@ from revgan_med.io.checks import (
     require_inside,
     safe_component,
 )
-from revgan_med.io.formats import one_line
+from revgan_med.io.dwi import gradient_files
+from revgan_med.io.formats import is_nifti, one_line
+from revgan_med.io.tilt import TILT_MODES
 from revgan_med.sharding import shard_items
 from revgan_med.tasks import DEFAULT_FACTORS, TASKS, TaskSpec, WindowSpec, parse_factors
 
@@ -62,7 +65,7 @@ class Job:
     @property
     def inputs(self) -> list[Path]:
         """Every file or folder the case reads (never written to)."""
-        sidecars = [p for p in _gradient_files(self.source) if p.is_file()] if is_nifti(self.source) else []
+        sidecars = [p for p in gradient_files(self.source) if p.is_file()] if is_nifti(self.source) else []
         return [self.source, *([self.target] if self.target else []), *sidecars]
 
 
@@ -71,6 +74,7 @@ class Settings:
     task: str
     factors: tuple[int, int, int]
     simulate_kernel: bool
+    tilt: str = "correct"  # gantry-tilted CT: "correct" (resample) or "refuse"
 
 
 @dataclass
@@ -109,51 +113,28 @@ def _crop_to_factors(array: np.ndarray, factors: Sequence[int], where: str) -> n
     return array[: n[0], : n[1], : n[2]]
 
 
-def _load_finite(path: Path, series_uid: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """`load_volume`, refusing NaN/Inf voxels: they would become NaN training pairs and weights."""
-    array, affine = load_volume(path, series_uid=series_uid)
+def _load_finite(path: Path, series_uid: str | None = None, **options: Any) -> tuple[np.ndarray, np.ndarray]:
+    """`load_volume(**options)`, refusing NaN/Inf voxels: they would become NaN training pairs and weights."""
+    array, affine = load_volume(path, series_uid=series_uid, **options)
     require_finite(array, path)
     return array, affine
 
 
 def _make_ct_sr(job: Job, s: Settings) -> tuple[dict, str]:
-    hu, affine = _load_finite(job.source, series_uid=job.series_uid)
+    notes: list[str] = []  # e.g. a gantry tilt corrected while loading: said in every description
+    hu, affine = _load_finite(job.source, job.series_uid, tilt=s.tilt, notes=notes)
     if hu.ndim != 3:
         raise ValueError(f"{job.source}: expected a 3D CT volume, got shape {hu.shape}")
     hr = _crop_to_factors(hu, s.factors, str(job.source))  # the crop keeps voxel 0, so the affine holds
     lr, lr_affine = thick_slice(hr, affine, s.factors)
-    f = ",".join(map(str, s.factors))
-    return {"image": (lr, lr_affine, f"simulated thick-slice input, factors {f}"),
-            "target": (hr, affine, "high-resolution reference")}, ""  # fmt: skip
-
-
-def _gradient_files(path: Path) -> tuple[Path, Path]:
-    """Where the .bval/.bvec files of a DWI NIfTI are expected (beside it, same stem)."""
-    stem = path.name[: -len(".nii.gz")] if path.name.lower().endswith(".gz") else path.stem
-    return path.with_name(stem + ".bval"), path.with_name(stem + ".bvec")
-
-
-def _dwi_gradients(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    from dipy.io import read_bvals_bvecs
-
-    bval, bvec = _gradient_files(path)
-    if not (bval.is_file() and bvec.is_file()):
-        raise ValueError(f"{path}: a DWI series needs {bval.name} and {bvec.name} beside it")
-    return read_bvals_bvecs(str(bval), str(bvec))
+    f, extra = ",".join(map(str, s.factors)), "".join(f"; {n}" for n in notes)
+    return {"image": (lr, lr_affine, f"simulated thick-slice input, factors {f}{extra}"),
+            "target": (hr, affine, f"high-resolution reference{extra}")}, "; ".join(notes)  # fmt: skip
 
 
 def _make_dmri_sr(job: Job, s: Settings) -> tuple[dict, str]:
-    if not is_nifti(job.source):
-        raise ValueError(f"{job.source}: dmri-sr needs a NIfTI DWI (+ .bval/.bvec) or a 6-channel DTI NIfTI")
-    data, affine = _load_finite(job.source)
-    if data.ndim != 4:
-        raise ValueError(f"{job.source}: expected a 4D DWI or 6-channel DTI volume, got shape {data.shape}")
-    if data.shape[3] == 6:
-        dti, mask, note = data, np.any(data != 0, axis=-1), "DTI as given"
-    else:
-        bvals, bvecs = _dwi_gradients(job.source)
-        mask = brain_mask(data, bvals)
-        dti, note = fit_dti(data, bvals, bvecs, mask), "tensor fitted from DWI"
+    dti, mask, affine, note = load_dti(job.source, job.series_uid)
+    require_finite(dti, job.source)  # NaN/Inf tensors would become NaN training pairs and weights
     hr, mask = _crop_to_factors(dti, s.factors, str(job.source)), _crop_to_factors(mask, s.factors, "mask")
     lr, lr_affine = thick_slice(hr, affine, s.factors)
     f = ",".join(map(str, s.factors))
@@ -163,23 +144,25 @@ def _make_dmri_sr(job: Job, s: Settings) -> tuple[dict, str]:
 
 
 def _make_ct_kernel(job: Job, s: Settings) -> tuple[dict, str]:
-    source, affine = _load_finite(job.source, series_uid=job.series_uid)
+    notes: list[str] = []
+    source, affine = _load_finite(job.source, job.series_uid, tilt=s.tilt, notes=notes)
     if source.ndim != 3:
         raise ValueError(f"{job.source}: expected a 3D CT volume, got shape {source.shape}")
     if s.simulate_kernel:
         smooth, sharp = simulate_kernel_pair(source, _spacing(affine), seed=zlib.crc32(job.case.encode()))
         return {"image": (smooth, affine, "SIMULATED smooth kernel"),
                 "target": (sharp, affine, "SIMULATED sharp kernel")}, SIMULATED_KERNEL_NOTE  # fmt: skip
-    target, target_affine = _load_finite(job.target)
+    target, target_affine = _load_finite(job.target, tilt=s.tilt, notes=notes)
     if source.shape != target.shape or not np.allclose(affine, target_affine, atol=GRID_ATOL_MM):
         raise ValueError(
             f"{job.source} and {job.target}: grids do not coincide (shapes {source.shape} / {target.shape}, "
             f"max affine difference {np.abs(affine - target_affine).max():.3g} mm)"
         )
+    extra = "".join(f"; {n}" for n in notes)
     return {
-        "image": (source, affine, "source kernel"),
-        "target": (target, target_affine, "target kernel"),
-    }, ""
+        "image": (source, affine, f"source kernel{extra}"),
+        "target": (target, target_affine, f"target kernel{extra}"),
+    }, "; ".join(notes)
 
 
 MAKERS = {"ct-sr": _make_ct_sr, "dmri-sr": _make_dmri_sr, "ct-kernel": _make_ct_kernel}
@@ -350,6 +333,7 @@ def preprocess(
     val_fraction: float = 0.2,
     seed: int = 0,
     simulate_kernel: bool = False,
+    tilt: str = "correct",
     progress: bool = True,
     shard: tuple[int, int] = (0, 1),
 ) -> PreprocessReport:
@@ -358,9 +342,10 @@ def preprocess(
     Usage errors (missing or empty folder, bad task/window/factors) raise `ConfigError`; failures of
     single cases are rows with status "failed" in the report. The datalist records the experiment spec
     (`revgan_med.tasks.TaskSpec`: task, channels, `window` — None: the task's default — and factors),
-    which `train` checks its config against. `shard` (i, n) makes only the i-th of n slices of the
-    cases (sorted by name) and writes ``report.shard<i>of<n>.csv``; the datalist lists every finished
-    case.
+    which `train` checks its config against. `tilt`: gantry-tilted CT series are resampled onto an
+    orthogonal grid ("correct") or fail ("refuse"). `shard` (i, n) makes only the i-th of n slices of
+    the cases (sorted by name) and writes ``report.shard<i>of<n>.csv``; the datalist lists every
+    finished case.
     """
     from tqdm import tqdm
 
@@ -371,7 +356,9 @@ def preprocess(
         spec = TaskSpec.create(task, window=window, factors=f)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    settings = Settings(task, f, simulate_kernel)
+    if tilt not in TILT_MODES:
+        raise ConfigError(f"tilt {tilt!r}: expected one of {', '.join(TILT_MODES)}")
+    settings = Settings(task, f, simulate_kernel, tilt)
     every = find_jobs(input_dir, output_dir, task=task, pairs_csv=pairs, simulate_kernel=simulate_kernel)
     if not every:
         raise ConfigError(

@@ -11,6 +11,7 @@ Also here: the diffusion-tensor fit from DWI + bval/bvec, the brain mask and the
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -198,8 +199,14 @@ def fit_dti(
 
 
 def brain_mask(dwi: np.ndarray, bvals: np.ndarray | None = None) -> np.ndarray:
-    """Brain mask, bool (x, y, z): dipy median_otsu on the mean b≈0 image; all volumes without bvals)."""
+    """Brain mask, bool (x, y, z), from the mean b≈0 image (all volumes without bvals).
+
+    dipy's median_otsu threshold, then clean-up it lacks: the largest connected component only (drops
+    eyes, scalp and noise islands) with its holes filled slice by slice and in 3D (ventricles, whose
+    b0 signal can fall below the threshold, belong to the brain).
+    """
     from dipy.segment.mask import median_otsu
+    from scipy.ndimage import binary_fill_holes, label
 
     dwi = np.asarray(dwi, dtype=np.float32)
     if dwi.ndim == 3:
@@ -208,7 +215,43 @@ def brain_mask(dwi: np.ndarray, bvals: np.ndarray | None = None) -> np.ndarray:
         b0 = np.ones(dwi.shape[-1], bool) if bvals is None else np.asarray(bvals).ravel() < 50
         ref = dwi[..., b0 if b0.any() else slice(None)].mean(axis=-1)
     _, mask = median_otsu(ref, median_radius=2, numpass=1)
-    return mask.astype(bool)
+    labels, count = label(mask)
+    if count > 1:
+        mask = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    for z in range(mask.shape[2]):
+        mask[:, :, z] = binary_fill_holes(mask[:, :, z])
+    return binary_fill_holes(mask).astype(bool)
+
+
+def load_dti(
+    path: str | Path, series_uid: str | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """(DTI (x, y, z, 6), brain mask, affine, note) from a 6-channel DTI NIfTI, a DWI NIfTI with
+    .bval/.bvec beside it, or a DICOM DWI series (`revgan_med.io.dwi.load_dwi`).
+
+    DWI is fitted by `fit_dti` inside `brain_mask`; a given DTI's mask is its non-zero voxels.
+    """
+    from revgan_med.io import is_nifti, load_volume
+    from revgan_med.io.dwi import load_dwi
+
+    path = Path(path)
+    if is_nifti(path) and _nifti_channels(path) == 6:
+        data, affine = load_volume(path)
+        return data, np.any(data != 0, axis=-1), affine, "DTI as given"
+    dwi = load_dwi(path, series_uid)
+    mask = brain_mask(dwi.data, dwi.bvals)
+    return fit_dti(dwi.data, dwi.bvals, dwi.bvecs, mask), mask, dwi.affine, "tensor fitted from DWI"
+
+
+def _nifti_channels(path: Path) -> int | None:
+    """Volumes (last axis) of a 4D NIfTI from its header alone; None when 3D or unreadable."""
+    import nibabel as nib
+
+    try:
+        shape = nib.load(str(path)).shape
+    except Exception:  # nibabel raises many types; load_volume reports the problem with the path
+        return None
+    return shape[-1] if len(shape) >= 4 else None  # (x, y, z, 1, c): vector images as ITK writes them
 
 
 def interior_mask(mask: np.ndarray) -> np.ndarray:

@@ -3,9 +3,10 @@
 pydicom with the pylibjpeg (JPEG, JPEG 2000, RLE) and pyjpegls (JPEG-LS) plugins decodes every common
 transfer syntax and gives us the tags we need (per-slice rescale, functional groups); SimpleITK/GDCM
 would decode too but hides per-slice rescale and refuses less. Geometry is our own (MONAI's ITK reader
-silently sorts and does not refuse gantry tilt or missing slices): slices are ordered by their
+silently sorts and does not refuse missing slices): slices are ordered by their
 position along the slice normal, never by file name or InstanceNumber, and a series whose positions
-do not describe a regular grid is refused with the folder and the gap in the message.
+do not describe a regular grid is refused with the folder and the gap in the message (a gantry
+tilt is resampled, see `tilt.py`).
 `save_dicom_series` writes a volume as a new derived series (MONAI has no DICOM writer).
 """
 
@@ -27,6 +28,7 @@ from pydicom.valuerep import format_number_as_ds
 
 from revgan_med import __version__
 from revgan_med.io.formats import VolumeError, is_nifti, one_line
+from revgan_med.io.tilt import TILT_MODES, correct_tilt
 
 # header tags read by discovery, series selection and the writer (pixels are never read for these)
 HEADER_TAGS = [
@@ -153,12 +155,17 @@ def select_series(path: Path, series_uid: str | None = None) -> Series:
     return next(iter(found.values()))
 
 
-def load_dicom(path: str | Path, series_uid: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_dicom(path: str | Path, series_uid: str | None = None, *, tilt: str = "correct",
+               notes: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Load a DICOM series folder or a single (enhanced multi-frame) file.
 
     Returns (float32 array (x, y, z) = (column, row, slice), 4×4 voxel → RAS+ mm affine), values with
     each slice's RescaleSlope/Intercept applied (HU for CT). Slices run along +normal (row × column).
+    A gantry-tilted series is resampled onto the orthogonal grid (`tilt` "correct", see `tilt.py`) or
+    refused ("refuse"); a correction is described in `notes` (appended to) when given.
     """
+    if tilt not in TILT_MODES:
+        raise ValueError(f"tilt {tilt!r}: expected one of {', '.join(TILT_MODES)}")
     path = Path(path)
     series = select_series(path, series_uid)
     planes: list[_Plane] = []
@@ -170,7 +177,7 @@ def load_dicom(path: str | Path, series_uid: str | None = None) -> tuple[np.ndar
             raise VolumeError(f"{file}: {exc}") from None
         except Exception as exc:  # damaged pixel data, unsupported codecs, bad tag values
             raise VolumeError(f"{file}: cannot decode DICOM image ({one_line(exc)})") from None
-    return _assemble(planes, where=path)
+    return _assemble(planes, where=path, tilt=tilt, notes=notes)
 
 
 def _planes(ds: Dataset) -> list[_Plane]:
@@ -219,8 +226,10 @@ def _plane(geometry: Dataset, ds: Dataset, pixels: np.ndarray) -> _Plane:
     )
 
 
-def _assemble(planes: list[_Plane], *, where: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Stack planes into (x, y, z) along the slice normal; refuse anything but a regular grid."""
+def _assemble(planes: list[_Plane], *, where: Path, tilt: str = "correct",
+              notes: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Stack planes into (x, y, z) along the slice normal; refuse anything but a regular (or, with
+    `tilt` "correct", a gantry-tilted) grid."""
     first = planes[0]
     for plane in planes[1:]:
         if plane.pixels.shape != first.pixels.shape:
@@ -244,6 +253,9 @@ def _assemble(planes: list[_Plane], *, where: Path) -> tuple[np.ndarray, np.ndar
         [planes[i].pixels.T.astype(np.float64) * planes[i].slope + planes[i].intercept for i in order],
         axis=-1,
     ).astype(np.float32)
+    if len(positions) > 1:
+        frame = (row, col, normal, first.spacing)
+        volume = correct_tilt(volume, positions, frame, step, where=where, tilt=tilt, notes=notes)
     lps = np.eye(4)
     lps[:3, 0] = row * first.spacing[1]  # x runs along a row: column spacing
     lps[:3, 1] = col * first.spacing[0]
@@ -253,7 +265,7 @@ def _assemble(planes: list[_Plane], *, where: Path) -> tuple[np.ndarray, np.ndar
 
 
 def _slice_step(positions: np.ndarray, normal: np.ndarray, thickness: float | None, *, where: Path) -> float:
-    """The regular slice spacing along `normal`; VolumeError for gaps, uneven spacing, gantry tilt."""
+    """The regular slice spacing along `normal`; VolumeError for gaps and uneven spacing."""
     if len(positions) == 1:
         return thickness or 1.0
     depth = positions @ normal
@@ -277,18 +289,6 @@ def _slice_step(positions: np.ndarray, normal: np.ndarray, thickness: float | No
             f"{where}: uneven slice spacing: gap of {gaps[worst]:.3f} mm {between} "
             f"(median spacing {step:.3f} mm); resample the series before use"
         )
-    # positions must lie on one line along the normal: a constant sideways drift is a gantry tilt
-    sideways = (positions - positions[0]) - np.outer(depth - depth[0], normal)
-    drift = np.linalg.norm(sideways, axis=1)
-    if drift.max() > 0.01 + 1e-4 * (depth[-1] - depth[0]):
-        expected = np.outer(np.arange(len(positions)), sideways[-1] / (len(positions) - 1))
-        if np.abs(sideways - expected).max() < 0.05:
-            angle = np.degrees(np.arctan2(np.linalg.norm(sideways[-1]), depth[-1] - depth[0]))
-            raise VolumeError(
-                f"{where}: gantry tilt of {angle:.2f} degrees (slice positions are not along the "
-                "slice normal); reconstruct without tilt or resample the series before use"
-            )
-        raise VolumeError(f"{where}: slice positions are scattered sideways by up to {drift.max():.3f} mm")
     return (depth[-1] - depth[0]) / (len(positions) - 1)
 
 

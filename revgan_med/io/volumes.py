@@ -34,12 +34,15 @@ class VolumeRef:
         return load_volume(self.path, series_uid=self.series_uid)
 
 
-def load_volume(path: str | Path, series_uid: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_volume(path: str | Path, series_uid: str | None = None, *, tilt: str = "correct",
+                notes: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Load a volume as (float32 array (x, y, z[, c]), 4×4 voxel → RAS+ mm affine).
 
     `path`: a ``.nii``/``.nii.gz`` file (3D or 4D), a DICOM series folder (`series_uid` picks one
     when the folder holds several) or a single DICOM file (e.g. enhanced multi-frame). DICOM values
-    have RescaleSlope/Intercept applied (HU for CT). Every failure is a `VolumeError` naming `path`.
+    have RescaleSlope/Intercept applied (HU for CT); a gantry-tilted series is resampled onto an
+    orthogonal grid or, with `tilt` "refuse", refused; corrections are appended to `notes`. Every
+    failure is a `VolumeError` naming `path`.
     """
     path = Path(path)
     if not path.exists():
@@ -49,7 +52,7 @@ def load_volume(path: str | Path, series_uid: str | None = None) -> tuple[np.nda
             raise VolumeError(f"{path}: a NIfTI file has no DICOM series to pick ({series_uid})")
         return _load_nifti(path)
     if path.is_dir() or looks_like_dicom(path):
-        return load_dicom(path, series_uid)
+        return load_dicom(path, series_uid, tilt=tilt, notes=notes)
     raise VolumeError(f"{path}: not a volume (expected .nii / .nii.gz, a DICOM file or a DICOM folder)")
 
 

@@ -96,7 +96,9 @@ def build_training_objective(config: Config) -> Objective:
     generator = build_generator_from_config(config)
     needed = OBJECTIVES.get(config.objective).discriminator_channels(channels, config.loss.gan)
     discriminators = {
-        role: build_discriminator("patchgan3d", in_channels=c, width=config.model.disc_width)
+        role: build_discriminator(
+            "patchgan3d", in_channels=c, width=config.model.disc_width, patch_size=config.data.patch_size
+        )
         for role, c in needed.items()
     }
     return build_objective(
