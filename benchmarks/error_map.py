@@ -1,6 +1,6 @@
 """Does an error map predict the error? Calibration of candidate maps on held-out real CT.
 
-Uses the two models that ``revgan-med benchmark quality all --workdir W`` trains (sr on the chest CT
+Uses the two models that ``python benchmarks/quality.py all --workdir W`` trains (sr on the chest CT
 below 70 % of its height; kernel on the x < 256 half of the Philips B/L pair) and their held-out
 tests: the abdomen CT (another patient, 3 mm) and the chest slab above the training part for sr, the
 x ≥ 256 half in both directions for kernel. For every test it scores, with `errormap.calibration`
@@ -13,7 +13,7 @@ window):
 - ``input gradient``: the gradient magnitude of the (upsampled) input, a model-free edge detector.
 
 Examples:
-  revgan-med benchmark quality all --sr-steps 300 --kernel-steps 200 --workdir runs/quality
+  python benchmarks/quality.py all --sr-steps 300 --kernel-steps 200 --workdir runs/quality
   python benchmarks/error_map.py --workdir runs/quality --json error_map.json
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from revgan_med.benchmarks.quality import FACTORS, KERNEL_WINDOW, SHARED_DATA, SR_WINDOW, split_slab
+from quality import FACTORS, KERNEL_WINDOW, SHARED_DATA, SR_WINDOW, split_slab
 
 from revgan_med.data.degradation import thick_slice, upsample_to_hr
 from revgan_med.errormap import calibration, flip_disagreement
