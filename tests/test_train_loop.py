@@ -111,7 +111,7 @@ def test_training_writes_the_run_folder_and_self_describing_checkpoints(datalist
     assert list(payload["models"]) == ["generator"]
     best = load_checkpoint(run / "checkpoints" / "best.pt")
     assert best["best_metric"]["value"] == pytest.approx(
-        max(float(r["val_psnr"]) for r in rows if r["val_psnr"])
+        max(float(r["val_psnr_margin"]) for r in rows if r["val_psnr"])
     )
     generator, config = generator_from_checkpoint(payload)
     assert config.loss.gan == "none"

@@ -46,6 +46,7 @@ from revgan_med.training.distributed import (
     init_distributed,
     shutdown_distributed,
 )
+from revgan_med.training.holdout import holdout_config
 from revgan_med.training.logging import RunLogger
 from revgan_med.training.objectives import OBJECTIVES, Objective, build_objective
 from revgan_med.training.validation import ValidationSet
@@ -58,7 +59,7 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     batches_in_epoch: int = 0  # batches of `epoch` already consumed
-    best_psnr: float = -math.inf
+    best_margin: float = -math.inf  # validation PSNR over the baseline's (dB) of best.pt
 
 
 def seed_everything(seed: int) -> None:
@@ -253,7 +254,7 @@ class _Checkpointer:
             "task": self.config.task,
             "objective": self.config.objective,
             "step": state.step,
-            "best_metric": {"name": "psnr", "value": state.best_psnr},
+            "best_metric": {"name": "psnr_margin", "value": state.best_margin},
             "data_position": {"epoch": state.epoch, "batches_in_epoch": state.batches_in_epoch},
             "models": {role: m.state_dict() for role, m in self.objective.modules_by_role().items()},
             "objective_state": self.objective.extra_state(),
@@ -333,6 +334,8 @@ def _mean_losses(running: dict[str, list[float]], context: DistributedContext, l
 def _run(config: Config, run_dir: Path, *, resume: bool, context: DistributedContext) -> Path:
     from revgan_med.data.transforms import intensity_for_task
 
+    config = holdout_config(config, run_dir, write=context.is_main)  # one case, no validation: split it
+    barrier(context)
     t = config.train
     seed_everything(t.seed + context.rank)
     device = context.device
@@ -358,6 +361,8 @@ def _run(config: Config, run_dir: Path, *, resume: bool, context: DistributedCon
         fit_batches = (_to_device(next(batches), device) for _ in range(t.linear_fit_batches))
         if objective.fit_linear_paths(fit_batches):
             broadcast_module(objective, context)  # every rank starts from rank 0's fit
+    if validation is not None and not resume:
+        validation.score_baseline(objective.generator)  # the reference: the fitted start, not its drift
     while state.step < t.steps:
         batch = _to_device(next(batches), device)
         losses = train_step(
@@ -375,8 +380,8 @@ def _run(config: Config, run_dir: Path, *, resume: bool, context: DistributedCon
             metrics = validation.evaluate(objective.generator, device=device, logger=logger, step=state.step)
             row.update({f"val_{k}": v for k, v in metrics.items()})
             objective.train()
-            if metrics["psnr"] > state.best_psnr:
-                state.best_psnr = metrics["psnr"]
+            if metrics["psnr_margin"] > state.best_margin:
+                state.best_margin = metrics["psnr_margin"]
                 save_checkpoint(best, checkpointer.payload(state))
         if context.is_main and (state.step % t.checkpoint_every == 0 or final):
             save_checkpoint(last, checkpointer.payload(state))
