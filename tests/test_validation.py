@@ -96,7 +96,7 @@ def test_single_kernel_case_is_split_and_validated_on_its_held_out_end(tmp_path)
     rows = _rows(run)
     assert {"val_psnr", "val_baseline_psnr", "val_psnr_margin"} <= set(rows[0])
     margins = [float(r["val_psnr_margin"]) for r in rows if r["val_psnr_margin"]]
-    assert len(margins) == 2
+    assert len(margins) == 3 and rows[0]["step"] == "0"  # before training, after 3 and after 6 steps
     best = load_checkpoint(run / "checkpoints" / "best.pt")
     assert best["best_metric"] == {"name": "psnr_margin", "value": pytest.approx(max(margins), abs=1e-5)}
 

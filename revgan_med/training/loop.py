@@ -331,6 +331,19 @@ def _mean_losses(running: dict[str, list[float]], context: DistributedContext, l
     return row
 
 
+def _validate(
+    validation: ValidationSet, objective: Objective, state: TrainState, checkpointer: _Checkpointer,
+    best: Path, *, logger: RunLogger, device: torch.device,
+) -> dict[str, float]:  # fmt: skip
+    """Validate, keep the model with the largest PSNR margin over the baseline as `best`; → ``val_*``."""
+    metrics = validation.evaluate(objective.generator, device=device, logger=logger, step=state.step)
+    objective.train()
+    if metrics["psnr_margin"] > state.best_margin:
+        state.best_margin = metrics["psnr_margin"]
+        save_checkpoint(best, checkpointer.payload(state))
+    return {f"val_{k}": v for k, v in metrics.items()}
+
+
 def _run(config: Config, run_dir: Path, *, resume: bool, context: DistributedContext) -> Path:
     from revgan_med.data.transforms import intensity_for_task
 
@@ -361,8 +374,10 @@ def _run(config: Config, run_dir: Path, *, resume: bool, context: DistributedCon
         fit_batches = (_to_device(next(batches), device) for _ in range(t.linear_fit_batches))
         if objective.fit_linear_paths(fit_batches):
             broadcast_module(objective, context)  # every rank starts from rank 0's fit
-    if validation is not None and not resume:
-        validation.score_baseline(objective.generator)  # the reference: the fitted start, not its drift
+    validate = functools.partial(_validate, validation, objective, state, checkpointer, best, logger=logger,
+                                 device=device)  # fmt: skip
+    if validation is not None and not resume:  # the untrained model (= its baseline) is the first best.pt
+        logger.log(0, validate())
     while state.step < t.steps:
         batch = _to_device(next(batches), device)
         losses = train_step(
@@ -377,12 +392,7 @@ def _run(config: Config, run_dir: Path, *, resume: bool, context: DistributedCon
         final = state.step == t.steps
         row = _mean_losses(running, context, logger) if state.step % t.log_every == 0 or final else {}
         if validation is not None and (state.step % t.val_every == 0 or final):
-            metrics = validation.evaluate(objective.generator, device=device, logger=logger, step=state.step)
-            row.update({f"val_{k}": v for k, v in metrics.items()})
-            objective.train()
-            if metrics["psnr_margin"] > state.best_margin:
-                state.best_margin = metrics["psnr_margin"]
-                save_checkpoint(best, checkpointer.payload(state))
+            row.update(validate())
         if context.is_main and (state.step % t.checkpoint_every == 0 or final):
             save_checkpoint(last, checkpointer.payload(state))
         logger.log(state.step, row)

@@ -72,7 +72,7 @@ class SelfInverseGenerator(Generator):
             min_size=generator.min_size,
             residual=generator.residual,
         )
-        inverse.lin_x, inverse.lin_y = generator.lin_x, generator.lin_y
+        inverse.lin_x, inverse.lin_y, inverse.gate = generator.lin_x, generator.lin_y, generator.gate
         inverse.domain = None
         if generator.lin_y is not None:
             inverse.domain = DomainGate(generator.lin_y.kernel_size)
