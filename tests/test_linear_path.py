@@ -84,6 +84,22 @@ def test_correction_on_a_linear_path_is_gated_from_zero_and_grows_by_at_most_lr_
     assert 0 < correction.abs().max().item() <= lr * 1.001
 
 
+def test_weights_saved_without_a_gate_load_with_the_correction_ungated():
+    def build():
+        return build_generator("rev_resnet3d", in_channels=1, out_channels=1, width=4, depth=1, residual=True,
+                               linear_kernel=[3, 3, 1])  # fmt: skip
+
+    torch.manual_seed(0)
+    old, new = build(), build()
+    with torch.no_grad():
+        old.gate.fill_(1.0)
+    state = {k: v for k, v in old.state_dict().items() if k != "gate"}
+    new.load_state_dict(state)
+    x = torch.randn(1, 1, 8, 8, 4)
+    with torch.no_grad():
+        assert new.gate.item() == 1.0 and torch.equal(new(x), old(x))
+
+
 def test_paired_objective_fits_each_direction_to_what_the_network_leaves():
     """y is a known filter of x: after the fit the forward generator reproduces y in the interior, and the
     inverse path is the least-squares filter from y back to x (checked against torch.linalg.lstsq)."""

@@ -267,6 +267,11 @@ class Generator(nn.Module):
         self.lin_y: LinearPath | None = None
         self.gate: nn.Parameter | None = None  # scales the network's correction (see `build_generator`)
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        if self.gate is not None and prefix + "gate" not in state_dict:
+            state_dict[prefix + "gate"] = torch.ones(())  # saved before the gate: its correction was ungated
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: Tensor) -> Tensor:
         out = self._translate(x, self.enc_x, self.core.forward, self.dec_y)
         return out + self.linear_part(x, inverse=False)
