@@ -66,13 +66,21 @@ def default_window(task: str) -> str | None:
     return None if task == "dmri-sr" else DEFAULT_WINDOW
 
 
+# a network may see a wider window than the one it is judged in: kernels train in ct-full (the lung
+# texture and bone stay unclipped) but are compared in the NLST window (thesis §5.5)
+METRIC_WINDOWS = {"ct-kernel": "nlst"}
+
+
 def evaluation_window(
     task: str, window: WindowSpec | None = None, model_window: Sequence[float] | None = None
 ) -> tuple[float, float] | None:
-    """The window metrics are computed in: `window` when given, else the model's own window (from its
-    checkpoint), else the task's default; None (no clipping) for dMRI without a given window."""
+    """The window metrics are computed in: `window` when given, else the task's metric window
+    (`METRIC_WINDOWS`), else the model's own window (from its checkpoint), else the task's default;
+    None (no clipping) for dMRI without a given window."""
     if window is not None:
         return parse_window(window)
+    if task in METRIC_WINDOWS:
+        return parse_window(METRIC_WINDOWS[task])
     if model_window is not None:
         return parse_window(model_window)
     default = default_window(task)

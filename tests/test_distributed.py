@@ -76,7 +76,7 @@ def test_two_gloo_ranks_keep_identical_parameters_and_train(tmp_path):
     payload = load_checkpoint(run / "checkpoints" / "last.pt")
     assert payload["step"] == 6
     steps = [line.split(",")[0] for line in (run / "metrics.csv").read_text().splitlines()[1:]]
-    assert steps == ["1", "2", "3", "4", "5", "6"]  # written once, by rank 0
+    assert steps == ["0", "1", "2", "3", "4", "5", "6"]  # written once, by rank 0 (0: before training)
 
 
 def test_sampler_shards_without_overlap_and_resumes_mid_epoch():

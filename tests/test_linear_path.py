@@ -61,6 +61,45 @@ def test_generator_with_linear_path_starts_as_without_and_handles_tiny_volumes(n
         torch.testing.assert_close(linear.inverse(x), x)
 
 
+def test_correction_on_a_linear_path_is_gated_from_zero_and_grows_by_at_most_lr_per_step():
+    torch.manual_seed(0)
+    gen = build_generator("rev_resnet3d", in_channels=1, out_channels=1, width=4, depth=1, residual=True,
+                          linear_kernel=[3, 3, 1])  # fmt: skip
+    weight = torch.randn(1, 1, 3, 3, 1)
+    with torch.no_grad():
+        gen.lin_y.weight.copy_(weight)
+    x, y = torch.randn(1, 1, 8, 8, 4), torch.randn(1, 1, 8, 8, 4)
+    filtered = F.conv3d(F.pad(x, (0, 0, 1, 1, 1, 1), mode="replicate"), weight)
+    with torch.no_grad():
+        torch.testing.assert_close(gen(x), x + filtered)  # untrained: input plus the filter, exactly
+    # the decoder's last conv is random (a zero gate needs a non-zero correction to get a gradient)
+    assert gen.dec_y[-2].weight.abs().sum() > 0 and gen.gate == 0
+    lr = 2e-4
+    optimizer = torch.optim.Adam(gen.parameters(), lr=lr, betas=(0.5, 0.999))
+    F.l1_loss(gen(x), y).backward()
+    optimizer.step()
+    with torch.no_grad():  # Adam's first step moves the gate by lr; the ResNet decoder ends in tanh (|·| ≤ 1)
+        correction = gen(x) - x - gen.linear_part(x, inverse=False)
+    assert gen.gate.abs().item() == pytest.approx(lr, rel=1e-3)
+    assert 0 < correction.abs().max().item() <= lr * 1.001
+
+
+def test_weights_saved_without_a_gate_load_with_the_correction_ungated():
+    def build():
+        return build_generator("rev_resnet3d", in_channels=1, out_channels=1, width=4, depth=1, residual=True,
+                               linear_kernel=[3, 3, 1])  # fmt: skip
+
+    torch.manual_seed(0)
+    old, new = build(), build()
+    with torch.no_grad():
+        old.gate.fill_(1.0)
+    state = {k: v for k, v in old.state_dict().items() if k != "gate"}
+    new.load_state_dict(state)
+    x = torch.randn(1, 1, 8, 8, 4)
+    with torch.no_grad():
+        assert new.gate.item() == 1.0 and torch.equal(new(x), old(x))
+
+
 def test_paired_objective_fits_each_direction_to_what_the_network_leaves():
     """y is a known filter of x: after the fit the forward generator reproduces y in the interior, and the
     inverse path is the least-squares filter from y back to x (checked against torch.linalg.lstsq)."""

@@ -53,7 +53,8 @@ def test_mismatches_name_each_differing_fact_and_ignore_an_open_window():
 
 def test_evaluation_window_prefers_given_then_model_then_task_default():
     assert evaluation_window("ct-sr", "nlst", (-1024.0, 3071.0)) == WINDOWS["nlst"]
-    assert evaluation_window("ct-kernel", None, (-1024.0, 3071.0)) == (-1024.0, 3071.0)
+    assert evaluation_window("ct-sr", None, (-1024.0, 3071.0)) == (-1024.0, 3071.0)
+    assert evaluation_window("ct-kernel", None, (-1024.0, 3071.0)) == WINDOWS["nlst"]  # judged in nlst
     assert evaluation_window("ct-sr") == WINDOWS[DEFAULT_WINDOW]
     assert evaluation_window("dmri-sr") is None
 
@@ -93,7 +94,7 @@ def test_evaluate_checkpoint_takes_task_window_and_factors_from_the_model(tmp_pa
     from revgan_med.config import config_from_dict
     from revgan_med.io import save_volume
 
-    config = config_from_dict({"task": "ct-kernel", "data": {"window": "ct-full"}})
+    config = config_from_dict({"task": "ct-sr", "data": {"window": "ct-full", "factors": [1, 1, 2]}})
     spec = TaskSpec.from_config(config)
     checkpoint = save_checkpoint(tmp_path / "model.pt", {"config": config.to_dict(), "spec": spec.to_dict()})
     rng = np.random.default_rng(0)
@@ -106,7 +107,7 @@ def test_evaluate_checkpoint_takes_task_window_and_factors_from_the_model(tmp_pa
     outputs = {}
     for name, extra in {
         "checkpoint": ["--checkpoint", str(checkpoint)],
-        "typed": ["--task", "ct-kernel", "--window=-1024,3071"],
+        "typed": ["--task", "ct-sr", "--window=-1024,3071", "--factors", "1,1,2"],
         "default": [],
     }.items():
         assert main([*common, *extra, "--output", str(tmp_path / f"{name}.csv")]) == 0

@@ -93,7 +93,7 @@ def test_resumed_run_equals_straight_run(datalist, tmp_path, objective):
     assert a["step"] == b["step"] == 6
     _assert_same_state(a, b)
     assert _rows(tmp_path / "straight") == _rows(half)  # losses, learning rates and validation per step
-    assert [row["step"] for row in _rows(half)] == ["1", "2", "3", "4", "5", "6"]
+    assert [row["step"] for row in _rows(half)] == ["0", "1", "2", "3", "4", "5", "6"]
 
 
 def test_training_writes_the_run_folder_and_self_describing_checkpoints(datalist, tmp_path):
@@ -102,10 +102,10 @@ def test_training_writes_the_run_folder_and_self_describing_checkpoints(datalist
     assert (run / "config.yaml").is_file() and (run / "checkpoints" / "best.pt").is_file()
     assert list((run / "tensorboard").iterdir())
     rows = _rows(run)
-    assert [r["step"] for r in rows] == [str(s) for s in range(1, 7)]
+    assert [r["step"] for r in rows] == [str(s) for s in range(7)]  # step 0: the untrained model validated
     assert {"g_loss", "l1_xy", "l1_yx", "lr", "val_mae", "val_psnr", "val_ssim"} <= set(rows[0])
     assert "d_loss" not in rows[0]  # no discriminators without a GAN loss
-    assert rows[2]["val_psnr"] and not rows[3]["val_psnr"]  # validation every 3 steps
+    assert rows[3]["val_psnr"] and not rows[4]["val_psnr"]  # validation every 3 steps
     payload = torch.load(last, weights_only=True)
     assert payload["step"] == 6 and payload["task"] == "ct-kernel"
     assert payload["intensity"] == {"kind": "ct-window", "window": [-900.0, 400.0]}
@@ -118,7 +118,7 @@ def test_training_writes_the_run_folder_and_self_describing_checkpoints(datalist
     assert list(payload["models"]) == ["generator"]
     best = load_checkpoint(run / "checkpoints" / "best.pt")
     assert best["best_metric"]["value"] == pytest.approx(
-        max(float(r["val_psnr"]) for r in rows if r["val_psnr"])
+        max(float(r["val_psnr_margin"]) for r in rows if r["val_psnr"])
     )
     generator, config = generator_from_checkpoint(payload)
     assert config.loss.gan == "none"
@@ -131,7 +131,7 @@ def test_a_twenty_slice_pair_trains_with_the_gan(tmp_path):
     datalist = write_kernel_datalist(tmp_path / "thin", cases=2, shape=(40, 40, 20))
     config = tiny_config(datalist, "data.patch_size=[32, 32, 20]", "train.steps=1", "infer.target_size=16")
     last = train(config, tmp_path / "run")
-    row = _rows(tmp_path / "run")[0]
+    row = next(r for r in _rows(tmp_path / "run") if r["d_loss"])  # not the step-0 validation row
     assert float(row["d_loss"]) > 0 and float(row["g_loss"]) > 0
     assert torch.load(last, weights_only=True)["step"] == 1
 
@@ -171,7 +171,7 @@ def test_cli_resume_reuses_the_run_config_and_continues_from_its_step(datalist, 
     assert main(["train", "--config", str(config), "--output", str(run)]) == 0
     assert main(["train", "--output", str(run), "--resume", "--set", "train.steps=4"]) == 0
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 4
-    assert [r["step"] for r in _rows(run)] == ["1", "2", "3", "4"]
+    assert [r["step"] for r in _rows(run)] == ["0", "1", "2", "3", "4"]
 
 
 @pytest.mark.slow
@@ -201,4 +201,4 @@ def test_run_killed_with_sigkill_resumes_to_the_same_result(datalist, tmp_path):
     # by ~lr = 2e-4 per step and the moments by 0.3-5 times their size (measured with another seed).
     resumed = load_checkpoint(run / "checkpoints" / "last.pt")
     _assert_same_state(load_checkpoint(straight), resumed, atol=2e-5, moments_rtol=1e-2)
-    assert [r["step"] for r in _rows(run)] == [str(s) for s in range(1, 13)]
+    assert [r["step"] for r in _rows(run)] == [str(s) for s in range(13)]

@@ -2,7 +2,10 @@
 
 Reads the config strictly (unknown keys and wrong types are errors naming the key), applies
 `--set` overrides, writes the fully resolved config to RUN_DIR/config.yaml and trains, writing
-RUN_DIR/metrics.csv, TensorBoard events in RUN_DIR/tensorboard and RUN_DIR/checkpoints/{last,best}.pt.
+RUN_DIR/metrics.csv, TensorBoard events in RUN_DIR/tensorboard and RUN_DIR/checkpoints/{last,best}.pt,
+and ends with the last validation's model vs baseline (tricubic for super-resolution, the fitted linear
+filter for kernel conversion) and a WARNING line when the model is below it; best.pt has the largest
+margin. A datalist with one training case and no validation case is split: its far end validates.
 `--resume` continues from RUN_DIR/checkpoints/last.pt exactly where it stopped (also after a kill);
 without --config it reuses RUN_DIR/config.yaml. For several GPUs or nodes, launch with torchrun.
 
@@ -53,7 +56,10 @@ def run(args: argparse.Namespace) -> int:
     check_output_location(Path(args.output) / "config.yaml")  # before seconds of imports
 
     from revgan_med.training.loop import train
+    from revgan_med.training.validation import baseline_name, margin_report
 
     last = train(config, args.output, resume=args.resume)
     print(f"checkpoint: {last}")
+    for line in margin_report(args.output, baseline_name(config.task, config.model.linear_kernel)):
+        print(line)
     return 0

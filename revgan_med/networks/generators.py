@@ -51,6 +51,13 @@ def build_generator(
         linear_kernel: odd kernel size (x, y, z) of a `LinearPath` per direction, added to the output
             (None: none). Not in the thesis: a reconstruction kernel is close to a linear in-plane
             filter, which the normalised network approximates poorly but least squares fits exactly.
+            With `residual`, the network's correction on top of input and filter is multiplied by a
+            learned scalar `gate` that starts at 0 (the decoders' last convs keep their random
+            weights instead): the untrained model is the fitted filter, and the correction grows only
+            as fast as Adam moves one number. A zero-initialised last conv does not do this: Adam moves
+            each of its weights by ~lr in the first steps, and over the ResNet decoder's 5³·K inputs
+            of unit-variance (InstanceNorm) features that sum is ~0.4 in normalised units (~800 HU in
+            the ct-full window) per step, which threw the model far below its fitted start.
     """
     for arg, value, low in (("in_channels", in_channels, 1), ("out_channels", out_channels, 1),
                             ("width", width, 2), ("depth", depth, 0)):
@@ -66,7 +73,10 @@ def build_generator(
         memory_saving=memory_saving, residual=residual, linear_kernel=linear_kernel,
     )
     init_weights(model)
-    if residual:
+    gated = residual and linear_kernel is not None
+    if gated:
+        model.gate = nn.Parameter(torch.zeros(()))
+    elif residual:
         for dec in (model.dec_x, model.dec_y):
             last = [m for m in dec.modules() if isinstance(m, nn.Conv3d)][-1]
             nn.init.zeros_(last.weight)
@@ -135,6 +145,12 @@ class Generator(nn.Module):
         self.enc_x, self.enc_y, self.core, self.dec_x, self.dec_y = enc_x, enc_y, core, dec_x, dec_y
         self.multiple, self.min_size, self.residual = multiple, min_size, residual
         self.lin_y, self.lin_x = lin_y, lin_x  # registered in this order, as checkpoints list them
+        self.gate: nn.Parameter | None = None  # scales the network's correction (see `build_generator`)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        if self.gate is not None and prefix + "gate" not in state_dict:
+            state_dict[prefix + "gate"] = torch.ones(())  # saved before the gate: its correction was ungated
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._combine(x, self._translate(x, self.enc_x, self.core.forward, self.dec_y), inverse=False)
@@ -143,11 +159,14 @@ class Generator(nn.Module):
         return self._combine(y, self._translate(y, self.enc_y, self.core.inverse, self.dec_x), inverse=True)
 
     def _combine(self, v: Tensor, body: Tensor, *, inverse: bool) -> Tensor:
-        """Body output plus the input (`residual`) and the linear path, these in true float32: under
-        autocast only the learned body runs in low precision (`revgan_med.runtime`)."""
+        """Body output (times the `gate`, where there is one) plus the input (`residual`) and the linear
+        path, these in true float32: under autocast only the learned body runs in low precision
+        (`revgan_med.runtime`)."""
         with float32_island(v.device.type):
-            v = v.float()
-            out = body.float() + v if self.residual else body.float()
+            v, body = v.float(), body.float()
+            if self.gate is not None:
+                body = self.gate.float() * body
+            out = body + v if self.residual else body
             return out + self.linear_part(v, inverse=inverse)
 
     def receptive_radius(self) -> int:

@@ -53,7 +53,7 @@ class SelfInverseGenerator(Generator):
         paths = generator.lin_x, generator.lin_y
         for path in paths if generator.lin_y is not None else ():
             path.requires_grad_(False)
-        return cls(
+        inverse = cls(
             enc_x=generator.enc_x,
             enc_y=generator.enc_x,
             core=core,
@@ -66,3 +66,5 @@ class SelfInverseGenerator(Generator):
             lin_y=generator.lin_y,
             domain=None if generator.lin_y is None else DomainGate(generator.lin_y.kernel_size),
         )
+        inverse.gate = generator.gate  # the correction's scale (`build_generator`), shared too
+        return inverse

@@ -51,6 +51,7 @@ from revgan_med.training.guards import (
     require_finite_losses,
     require_finite_weights,
 )
+from revgan_med.training.holdout import holdout_config
 from revgan_med.training.logging import RunLogger
 from revgan_med.training.objectives import OBJECTIVES, Objective, build_objective
 from revgan_med.training.rng import capture_rng_state, restore_rng_state
@@ -64,7 +65,7 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     batches_in_epoch: int = 0  # batches of `epoch` already consumed
-    best_psnr: float = -math.inf
+    best_margin: float = -math.inf  # validation PSNR over the baseline's (dB) of best.pt
 
 
 def seed_everything(seed: int) -> None:
@@ -250,7 +251,7 @@ class _Checkpointer:
             "task": self.config.task,
             "objective": self.config.objective,
             "step": state.step,
-            "best_metric": {"name": "psnr", "value": state.best_psnr},
+            "best_metric": {"name": "psnr_margin", "value": state.best_margin},
             "data_position": {"epoch": state.epoch, "batches_in_epoch": state.batches_in_epoch},
             "models": {role: m.state_dict() for role, m in self.objective.modules_by_role().items()},
             "objective_state": self.objective.extra_state(),
@@ -341,7 +342,22 @@ def _mean_losses(running: dict[str, list[float]], context: DistributedContext, l
     return row
 
 
+def _validate(
+    validation: ValidationSet, objective: Objective, state: TrainState, checkpointer: _Checkpointer,
+    best: Path, *, logger: RunLogger, device: torch.device,
+) -> dict[str, float]:  # fmt: skip
+    """Validate, keep the model with the largest PSNR margin over the baseline as `best`; → ``val_*``."""
+    metrics = validation.evaluate(objective.generator, device=device, logger=logger, step=state.step)
+    objective.train()
+    if metrics["psnr_margin"] > state.best_margin:
+        state.best_margin = metrics["psnr_margin"]
+        save_checkpoint(best, checkpointer.payload(state))
+    return {f"val_{k}": v for k, v in metrics.items()}
+
+
 def _run(config: Config, run_dir: Path, *, resume: bool, context: DistributedContext) -> Path:
+    config = holdout_config(config, run_dir, write=context.is_main)  # one case, no validation: split it
+    barrier(context)
     t = config.train
     spec = _spec(config)
     seed_everything(t.seed + context.rank)
@@ -368,6 +384,10 @@ def _run(config: Config, run_dir: Path, *, resume: bool, context: DistributedCon
         fit_batches = (_to_device(next(batches), device) for _ in range(t.linear_fit_batches))
         if objective.fit_linear_paths(fit_batches):
             broadcast_module(objective, context)  # every rank starts from rank 0's fit
+    validate = functools.partial(_validate, validation, objective, state, checkpointer, best, logger=logger,
+                                 device=device)  # fmt: skip
+    if validation is not None and not resume:  # the untrained model (= its baseline) is the first best.pt
+        logger.log(0, validate())
     while state.step < t.steps:
         batch = _to_device(next(batches), device)
         losses = train_step(
@@ -387,12 +407,7 @@ def _run(config: Config, run_dir: Path, *, resume: bool, context: DistributedCon
         final = state.step == t.steps
         row = _mean_losses(running, context, logger) if state.step % t.log_every == 0 or final else {}
         if validation is not None and (state.step % t.val_every == 0 or final):
-            metrics = validation.evaluate(objective.generator, device=device, logger=logger, step=state.step)
-            row.update({f"val_{k}": v for k, v in metrics.items()})
-            objective.train()
-            if metrics["psnr"] > state.best_psnr:
-                state.best_psnr = metrics["psnr"]
-                save_checkpoint(best, checkpointer.payload(state))
+            row.update(validate())
         if context.is_main and (state.step % t.checkpoint_every == 0 or final):
             save_checkpoint(last, checkpointer.payload(state))
         logger.log(state.step, row)

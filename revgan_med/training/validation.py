@@ -1,17 +1,26 @@
-"""Validation during training: whole volumes through sliding-window inference, metrics in scanner units.
+"""Validation during training: whole volumes through sliding-window inference, metrics in scanner units,
+beside the classical baseline the model has to beat.
 
 The validation cases of the datalist are loaded once (input on the target grid, normalised). Each
 validation predicts every volume with `revgan_med.tiling.sliding_window_predict` — the same
 windows `revgan-med infer` uses — maps prediction and target back to HU (or the dMRI scanner units)
 and reports the mean MAE / PSNR / SSIM over the cases (`revgan_med.evaluation.compute_metrics`):
-for CT inside the task's window, with the window width as data range (thesis ``000_*`` §5.4–5.5);
-for dMRI inside the brain mask, with the target's range there.
+for CT inside the task's metric window (`revgan_med.tasks.METRIC_WINDOWS`, else the training window),
+with the window width as data range (thesis ``000_*`` §5.4–5.5); for dMRI inside the brain mask,
+with the target's range there.
+
+The baseline is what one would do without the model: tricubic upsampling for super-resolution, the
+generator's least-squares fitted linear filter (scored once, as fitted before training) or else the
+input unchanged for kernel conversion. Its scores are reported as ``baseline_*`` and the model's
+PSNR margin over it as ``psnr_margin``, which is what ``best.pt`` is chosen on.
 """
 
 from __future__ import annotations
 
+import csv
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,8 +31,22 @@ from revgan_med.config import Config
 from revgan_med.data.datasets import load_case, load_datalist
 from revgan_med.data.transforms import CTWindow
 from revgan_med.evaluation import compute_metrics
+from revgan_med.tasks import METRIC_WINDOWS, parse_window
 from revgan_med.tiling import DEFAULT_MARGIN, sliding_window_predict, window_sizes
 from revgan_med.training.logging import RunLogger
+
+METRICS = ("mae", "rmse", "psnr", "ssim")
+
+
+def _metric_window(task: str) -> tuple[float, float] | None:
+    return parse_window(METRIC_WINDOWS[task]) if task in METRIC_WINDOWS else None
+
+
+def baseline_name(task: str, linear_kernel: Sequence[int] | None) -> str:
+    """The classical baseline validation scores for `task`."""
+    if task != "ct-kernel":
+        return "tricubic"
+    return "fitted linear filter" if linear_kernel else "identity (the input)"
 
 
 def _coronal(volume: np.ndarray) -> np.ndarray:
@@ -35,10 +58,15 @@ class ValidationSet:
     """Whole validation volumes and how to predict them.
 
     Args:
-        cases: `revgan_med.data.datasets.load_case` results (``image``/``target`` as (C, X, Y, Z)).
+        cases: `revgan_med.data.datasets.load_case` results (``image``/``target`` as (C, X, Y, Z)),
+            with ``baseline`` (the baseline's normalised prediction, same shape) where it does not
+            come from the generator.
         patch_size: the training patch.
         context_size, target_size: the windows (`revgan_med.tiling.window_sizes`, as ``infer``: None
             and None = as large as the budget allows, with the generator's receptive radius as margin).
+        baseline: the baseline's name (`baseline_name`); without a case ``baseline`` it is the
+            generator's linear path (plus the input for residual generators), or the input itself.
+        metric_window: HU window of the CT metrics (None: the training window).
     """
 
     def __init__(
@@ -49,12 +77,17 @@ class ValidationSet:
         context_size: int | Sequence[int] | None = None,
         target_size: int | Sequence[int] | None = None,
         batch_size: int = 1,
+        baseline: str = "identity (the input)",
+        metric_window: Sequence[float] | None = None,
     ) -> None:
         if not cases:
             raise ValueError("ValidationSet: no cases")
         self.cases = cases
         self.patch_size, self.context_size, self.target_size = patch_size, context_size, target_size
         self.batch_size = batch_size
+        self.baseline = baseline
+        self.metric_window = metric_window
+        self.baseline_scores: dict[str, float] | None = None
 
     @classmethod
     def from_config(cls, config: Config, intensity: Any) -> ValidationSet | None:
@@ -70,18 +103,21 @@ class ValidationSet:
                 f"no validation during training: {data.datalist} has no validation cases", stacklevel=2
             )
             return None
-        cases = [
-            load_case(
-                item,
-                task=config.task,
-                intensity_or_window=intensity,
-                factors=data.factors,
-                upsample=data.upsample,
-            )  # fmt: skip
-            for item in items
-        ]
+
+        def load(item: dict, upsample: str) -> dict[str, Any]:
+            return load_case(item, task=config.task, intensity_or_window=intensity, factors=data.factors,
+                             upsample=upsample)  # fmt: skip
+
+        cases = [load(item, data.upsample) for item in items]
+        baseline = baseline_name(config.task, config.model.linear_kernel)
+        if baseline == "tricubic":
+            for case, item in zip(cases, items, strict=True):
+                case["baseline"] = (
+                    case["image"] if data.upsample == "tricubic" else load(item, "tricubic")["image"]
+                )
         return cls(cases, patch_size=data.patch_size, context_size=config.infer.context_size,
-                   target_size=config.infer.target_size, batch_size=config.infer.batch_size)  # fmt: skip
+                   target_size=config.infer.target_size, batch_size=config.infer.batch_size,
+                   baseline=baseline, metric_window=_metric_window(config.task))  # fmt: skip
 
     def predict(self, generator: nn.Module, image: np.ndarray, *, device: torch.device) -> np.ndarray:
         """X→Y prediction of one normalised (C, X, Y, Z) volume, same shape."""
@@ -97,29 +133,79 @@ class ValidationSet:
         )  # fmt: skip
         return out[0].numpy()
 
+    def _metrics(self, case: dict[str, Any], prediction: np.ndarray) -> dict[str, float]:
+        """Metrics of one normalised prediction against the case's target, in scanner units."""
+
+        mapping = case["mapping"]
+        if isinstance(mapping, CTWindow):  # denormalize clips to the training window
+            lo, hi = self.metric_window or (mapping.lo, mapping.hi)
+            pred, ref = (np.clip(mapping.denormalize(v)[0], lo, hi) for v in (prediction, case["target"]))
+            return compute_metrics(pred, ref, data_range=hi - lo)
+        pred = mapping.denormalize(prediction, channel_axis=0)
+        ref = mapping.denormalize(case["target"], channel_axis=0)
+        inside = ref[:, case["mask"]]
+        data_range = float(inside.max() - inside.min()) or 1.0
+        return compute_metrics(pred, ref, data_range=data_range, mask=case["mask"], channel_axis=0)
+
+    @torch.no_grad()
+    def score_baseline(self, generator: nn.Module) -> dict[str, float]:
+        """Mean metrics of the baseline over the cases, computed on the first call and kept: call it
+        right after the linear paths are fitted, so the reference is the fitted start."""
+        if self.baseline_scores is None:
+            rows = []
+            for case in self.cases:
+                baseline, path = case.get("baseline"), getattr(generator, "lin_y", None)
+                if baseline is None and path is None:
+                    baseline = case["image"]
+                elif baseline is None:  # a linear filter with replicate padding: the whole volume at once
+                    volume = torch.from_numpy(case["image"])[None].to(path.weight.device)
+                    out = path(volume) + volume if generator.residual else path(volume)
+                    baseline = out[0].cpu().numpy()
+                rows.append(self._metrics(case, baseline))
+            self.baseline_scores = _mean(rows)
+        return self.baseline_scores
+
     def evaluate(
         self, generator: nn.Module, *, device: torch.device, logger: RunLogger | None = None, step: int = 0
     ) -> dict[str, float]:
-        """Mean ``mae``, ``rmse``, ``psnr``, ``ssim`` over the cases; logs input | output | target."""
+        """Mean ``mae``, ``rmse``, ``psnr``, ``ssim`` over the cases, the baseline's as ``baseline_*`` and
+        ``psnr_margin`` (model − baseline, dB); logs input | output | target."""
         was_training = generator.training
         generator.eval()
+        baseline = self.score_baseline(generator)
         rows = []
         for index, case in enumerate(self.cases):
             prediction = self.predict(generator, case["image"], device=device)
-            mapping = case["mapping"]
-            if isinstance(mapping, CTWindow):  # denormalize clips to the window: metrics in the window
-                pred, ref = mapping.denormalize(prediction)[0], mapping.denormalize(case["target"])[0]
-                rows.append(compute_metrics(pred, ref, data_range=mapping.hi - mapping.lo))
-            else:
-                pred = mapping.denormalize(prediction, channel_axis=0)
-                ref = mapping.denormalize(case["target"], channel_axis=0)
-                inside = ref[:, case["mask"]]
-                data_range = float(inside.max() - inside.min()) or 1.0
-                rows.append(
-                    compute_metrics(pred, ref, data_range=data_range, mask=case["mask"], channel_axis=0)
-                )
+            rows.append(self._metrics(case, prediction))
             if index == 0 and logger is not None:
                 panels = [_coronal(v) for v in (case["image"], prediction, case["target"])]
                 logger.images(step, "validation/input_output_target", panels)
         generator.train(was_training)
-        return {k: float(np.mean([row[k] for row in rows])) for k in ("mae", "rmse", "psnr", "ssim")}
+        metrics = _mean(rows)
+        return {**metrics, **{f"baseline_{k}": v for k, v in baseline.items()},
+                "psnr_margin": metrics["psnr"] - baseline["psnr"]}  # fmt: skip
+
+
+def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {k: float(np.mean([row[k] for row in rows])) for k in METRICS}
+
+
+def margin_report(run_dir: str | Path, baseline: str) -> list[str]:
+    """The lines that end a run, from its ``metrics.csv``: model vs baseline at the last validation,
+    and a WARNING when the model ends below its baseline there (none without validation)."""
+    path = Path(run_dir) / "metrics.csv"
+    rows = [r for r in csv.DictReader(path.open()) if r.get("val_psnr")] if path.is_file() else []
+    if not rows or not rows[-1].get("val_psnr_margin"):
+        return []
+    last, best = rows[-1], max(rows, key=lambda r: float(r["val_psnr_margin"]))
+    margin = float(last["val_psnr_margin"])
+    lines = [
+        f"validation at step {last['step']}: model PSNR {float(last['val_psnr']):.2f} dB, SSIM "
+        f"{float(last['val_ssim']):.4f}; baseline ({baseline}) {float(last['val_baseline_psnr']):.2f} dB, "
+        f"SSIM {float(last['val_baseline_ssim']):.4f}; margin {margin:+.2f} dB "
+        f"(best.pt: step {best['step']}, margin {float(best['val_psnr_margin']):+.2f} dB)"
+    ]
+    if margin < 0:
+        lines.append(f"WARNING: the model ends {-margin:.2f} dB BELOW its baseline ({baseline}) on the "
+                     "validation data")  # fmt: skip
+    return lines

@@ -1,0 +1,163 @@
+"""Validation beside the classical baseline: scores, margin, best.pt, the end-of-run report and the
+automatic hold-out of a single training case."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _training_data import tiny_config, write_kernel_datalist, write_sr_datalist
+
+from revgan_med.checkpoints import build_generator_from_config, load_checkpoint
+from revgan_med.cli import main
+from revgan_med.data.degradation import upsample_to_hr
+from revgan_med.data.transforms import CTWindow
+from revgan_med.io import load_volume
+from revgan_med.tasks import WINDOWS
+from revgan_med.training.holdout import holdout_config
+from revgan_med.training.loop import train
+from revgan_med.training.validation import ValidationSet, margin_report
+
+
+def _psnr(prediction: np.ndarray, reference: np.ndarray, window: tuple[float, float]) -> float:
+    lo, hi = window
+    mse = np.mean((np.clip(prediction, lo, hi) - np.clip(reference, lo, hi)).astype(np.float64) ** 2)
+    return float(10 * np.log10((hi - lo) ** 2 / mse))
+
+
+def _rows(run: Path) -> list[dict[str, str]]:
+    with (run / "metrics.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_kernel_baseline_is_the_linear_filter_scored_in_the_nlst_window(tmp_path):
+    datalist = write_kernel_datalist(tmp_path, cases=2)
+    config = tiny_config(
+        datalist, "data.window=ct-full", "model.residual=true", "model.linear_kernel=[3,3,1]"
+    )
+    generator = build_generator_from_config(config)
+    with torch.no_grad():  # a hand-set filter: output = input + 0.5·input + 10 HU (in ct-full units)
+        generator.lin_y.weight[0, 0, 1, 1, 0] = 0.5
+        generator.lin_y.bias.fill_(20.0 / 4095.0)
+    validation = ValidationSet.from_config(config, CTWindow(*WINDOWS["ct-full"]))
+    assert validation.baseline == "fitted linear filter"
+    smooth, sharp = (load_volume(tmp_path / "case1" / f"{n}.nii.gz")[0] for n in ("smooth", "sharp"))
+    # +0.5 in normalised units is x + 0.5 · (x − window centre) in HU; the bias adds 20 / 4095 · 4095 / 2
+    filtered = 1.5 * np.clip(smooth, -1024, 3071) - 0.25 * (-1024 + 3071) + 10.0
+    expected = _psnr(filtered, sharp, WINDOWS["nlst"])
+    metrics = validation.evaluate(generator, device=torch.device("cpu"))
+    assert metrics["baseline_psnr"] == pytest.approx(expected, abs=1e-3)
+    assert metrics["psnr_margin"] == pytest.approx(metrics["psnr"] - metrics["baseline_psnr"])
+
+
+def test_untrained_residual_generator_with_fitted_paths_has_zero_margin(tmp_path):
+    datalist = write_kernel_datalist(tmp_path, cases=2)
+    config = tiny_config(datalist, "model.residual=true", "model.linear_kernel=[3,3,1]")
+    generator = build_generator_from_config(config)
+    with torch.no_grad():
+        generator.lin_y.weight.normal_(0.0, 0.1)
+    metrics = ValidationSet.from_config(config, CTWindow(*WINDOWS["nlst"])).evaluate(
+        generator, device=torch.device("cpu")
+    )
+    assert metrics["psnr_margin"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_sr_baseline_is_tricubic_whatever_the_input_upsampling(tmp_path):
+    datalist = write_sr_datalist(tmp_path)
+    (item,) = json.loads(datalist.read_text())["training"]
+    data = json.loads(datalist.read_text())
+    datalist.write_text(json.dumps({"training": [item], "validation": data["training"]}))
+    hr = load_volume(tmp_path / "case" / "hr.nii.gz")[0]
+    lr, lr_affine = load_volume(tmp_path / "case" / "lr.nii.gz")
+    tricubic = upsample_to_hr(lr, lr_affine, (2, 2, 4), mode="tricubic", hr_shape=hr.shape)[0]
+    config = tiny_config(datalist, "task=ct-sr", "data.window=chest-1024", "data.upsample=nearest",
+                         "model.generator=rev_srcnn3d")  # fmt: skip
+    validation = ValidationSet.from_config(config, CTWindow(*WINDOWS["chest-1024"]))
+    assert validation.baseline == "tricubic"
+    baseline = validation.score_baseline(build_generator_from_config(config))
+    assert baseline["psnr"] == pytest.approx(_psnr(tricubic, hr, WINDOWS["chest-1024"]), abs=1e-3)
+
+
+def test_single_kernel_case_is_split_and_validated_on_its_held_out_end(tmp_path):
+    datalist = write_kernel_datalist(tmp_path / "data", cases=1, shape=(20, 24, 30), validation=False)
+    run = tmp_path / "run"
+    with pytest.warns(UserWarning, match="validating on its last 6 of 30 voxels along axis 2"):
+        overrides = ("loss.gan=none", "model.linear_kernel=[3,3,1]", "train.linear_fit_batches=2")
+        train(tiny_config(datalist, *overrides), run)
+    smooth, affine = load_volume(tmp_path / "data" / "case0" / "smooth.nii.gz")
+    train_part, train_affine = load_volume(run / "holdout" / "training" / "image.nii.gz")
+    held, held_affine = load_volume(run / "holdout" / "validation" / "image.nii.gz")
+    np.testing.assert_array_equal(np.concatenate([train_part, held], axis=2), smooth)
+    np.testing.assert_allclose(train_affine, affine)
+    np.testing.assert_allclose(held_affine[:3, 3], affine[:3, 3] + 24 * affine[:3, 2])
+    rows = _rows(run)
+    assert {"val_psnr", "val_baseline_psnr", "val_psnr_margin"} <= set(rows[0])
+    margins = [float(r["val_psnr_margin"]) for r in rows if r["val_psnr_margin"]]
+    assert len(margins) == 3 and rows[0]["step"] == "0"  # before training, after 3 and after 6 steps
+    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert best["best_metric"] == {"name": "psnr_margin", "value": pytest.approx(max(margins), abs=1e-5)}
+
+
+def test_single_sr_case_is_cut_on_a_whole_thick_slice(tmp_path):
+    datalist = write_sr_datalist(tmp_path / "data")
+    config = tiny_config(datalist, "task=ct-sr", "data.window=chest-1024", "model.generator=rev_srcnn3d")
+    with pytest.warns(UserWarning, match="last 8 of 40 voxels along axis 2"):
+        split = holdout_config(config, tmp_path / "run")
+    listing = json.loads(Path(split.data.datalist).read_text())
+    assert set(listing) == {"training", "validation"}
+    folder = tmp_path / "run" / "holdout"
+    (lr_train, lr_train_affine), (lr_val, lr_val_affine) = (
+        load_volume(folder / s / "image.nii.gz") for s in ("training", "validation")
+    )
+    (hr_train, _), (hr_val, hr_val_affine) = (
+        load_volume(folder / s / "target.nii.gz") for s in ("training", "validation")
+    )
+    assert (
+        lr_train.shape[2] == 8 and lr_val.shape[2] == 2 and hr_train.shape[2] == 32 and hr_val.shape[2] == 8
+    )
+    # each part's thick slices still average its own HR voxels: the input/target geometry is intact
+    lr, lr_affine = load_volume(tmp_path / "data" / "case" / "lr.nii.gz")
+    np.testing.assert_array_equal(lr_val, lr[..., 8:])
+    np.testing.assert_allclose(lr_val_affine[:3, 3], lr_affine[:3, 3] + 8 * lr_affine[:3, 2])
+    np.testing.assert_allclose(
+        hr_val_affine @ [0.5, 0.5, 1.5, 1.0], lr_val_affine[:, 3]
+    )  # LR centre (f − 1) / 2
+    assert holdout_config(split, tmp_path / "run") is split  # a validation case now: nothing to split
+
+
+def test_train_command_ends_with_the_margin(tmp_path, capsys):
+    datalist = write_kernel_datalist(tmp_path, cases=2)
+    config = tmp_path / "config.yaml"
+    from revgan_med.config import save_config
+
+    save_config(tiny_config(datalist, "loss.gan=none", "train.steps=2", "train.val_every=2"), config)
+    assert main(["train", "--config", str(config), "--output", str(tmp_path / "run")]) == 0
+    last = capsys.readouterr().out.strip().splitlines()
+    row = _rows(tmp_path / "run")[-1]
+    margin = float(row["val_psnr_margin"])
+    assert margin == pytest.approx(float(row["val_psnr"]) - float(row["val_baseline_psnr"]), abs=1e-4)
+    text = "\n".join(last[-2:])
+    assert "baseline (identity (the input))" in text and f"margin {margin:+.2f} dB" in text
+    assert last[-1].startswith("WARNING") == (margin < 0)
+
+
+def test_margin_report_warns_when_the_model_ends_below_its_baseline(tmp_path):
+    columns = "step,g_loss,val_psnr,val_ssim,val_baseline_psnr,val_baseline_ssim,val_psnr_margin\n"
+    rows = [
+        "1,0.5,,,,,",
+        "2,0.4,30,0.9,31,0.91,-1",
+        "4,0.3,32.5,0.95,31,0.91,1.5",
+        "6,0.2,30.5,0.93,31,0.91,-0.5",
+    ]
+    (tmp_path / "metrics.csv").write_text(columns + "\n".join(rows) + "\n")
+    first, warning = margin_report(tmp_path, "tricubic")
+    assert "step 6" in first and "30.50 dB" in first and "margin -0.50 dB" in first
+    assert "best.pt: step 4, margin +1.50 dB" in first
+    assert warning.startswith("WARNING") and "0.50 dB BELOW its baseline (tricubic)" in warning
+    (tmp_path / "metrics.csv").write_text(columns + "2,0.4,32,0.9,31,0.91,1\n")
+    assert len(margin_report(tmp_path, "tricubic")) == 1
+    assert margin_report(tmp_path / "nothing", "tricubic") == []
