@@ -97,7 +97,9 @@ def training_data_summary(datalist: str | Path) -> dict[str, Any]:
 
 
 def validation_summary(payload: dict[str, Any]) -> dict[str, Any]:
-    """Model vs its input (the upsampled scan / the source kernel) on the datalist's validation cases."""
+    """Model vs the classical baseline training validates against (`ValidationSet`: tricubic for
+    super-resolution, the linear filter of the model's linear path or the input for kernels) on the
+    datalist's validation cases."""
     import warnings
 
     from revgan_med.data.transforms import intensity_from_dict
@@ -113,12 +115,14 @@ def validation_summary(payload: dict[str, Any]) -> dict[str, Any]:
     if cases is None:
         return {"note": "no validation cases (none in the training datalist, or not readable at export)"}
     generator, _ = generator_from_checkpoint(payload)
-    cpu = torch.device("cpu")
-    baseline = "input upsampled " + config.data.upsample if config.task != "ct-kernel" else "input unchanged"
+    scores = cases.evaluate(generator, device=torch.device("cpu"))
     summary: dict[str, Any] = {
         "cases": len(cases.cases),
-        "model": cases.evaluate(generator, device=cpu),
-        baseline: cases.evaluate(torch.nn.Identity(), device=cpu),
+        "model": {k: v for k, v in scores.items() if not k.startswith(("baseline_", "psnr_margin"))},
+        f"baseline: {cases.baseline}": {
+            k.removeprefix("baseline_"): v for k, v in scores.items() if k.startswith("baseline_")
+        },
+        "psnr_margin_db": scores["psnr_margin"],
     }
     if TASK_CHANNELS[config.task] == 1:
         summary["error_map_calibration"] = _calibration(cases, generator, config)
