@@ -19,6 +19,14 @@ from revgan_med import __version__
 from revgan_med.config import ConfigError
 
 
+def add_tilt_argument(parser: argparse.ArgumentParser) -> None:
+    """``--tilt``, shared by the commands that read CT series (`revgan_med.io.tilt`)."""
+    parser.add_argument(
+        "--tilt", default="correct", choices=("correct", "refuse"),
+        help="gantry-tilted CT: resample onto an orthogonal grid (default) or refuse the series",
+    )  # fmt: skip
+
+
 def _command_modules() -> list:
     modules = [importlib.import_module(f"{__name__}.{m.name}") for m in pkgutil.iter_modules(__path__)]
     return sorted(modules, key=lambda m: m.ORDER)

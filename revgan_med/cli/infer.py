@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 
+from revgan_med.cli import add_tilt_argument
+
 HELP = "translate scans (NIfTI / DICOM / folders) with a trained checkpoint"
 ORDER = 30
 
@@ -74,10 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shard", default="0/1", help="process the i-th of n slices of a folder (default: 0/1)"
     )
-    parser.add_argument(
-        "--tilt", default="correct", choices=("correct", "refuse"),
-        help="gantry-tilted CT: resample onto an orthogonal grid (default) or refuse the series",
-    )  # fmt: skip
+    add_tilt_argument(parser)
     parser.add_argument(
         "--keep-out-of-window",
         action=argparse.BooleanOptionalAction,

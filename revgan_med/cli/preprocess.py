@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 
+from revgan_med.cli import add_tilt_argument
 from revgan_med.tasks import DEFAULT_FACTORS, DEFAULT_WINDOW, TASKS, WINDOWS, parse_factors
 
 HELP = "make per-case training pairs, datalist.json and report.csv from a folder of scans"
@@ -69,10 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shard", default="0/1", help="make the i-th of n slices of the cases (default: 0/1)"
     )
-    parser.add_argument(
-        "--tilt", default="correct", choices=("correct", "refuse"),
-        help="gantry-tilted CT: resample onto an orthogonal grid (default) or refuse the series",
-    )  # fmt: skip
+    add_tilt_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
