@@ -13,7 +13,11 @@ from typing import Any
 import numpy as np
 
 from revgan_med.checkpoints import Model
+from revgan_med.data.transforms import parse_window
+from revgan_med.errormap import flip_disagreement
+from revgan_med.evaluation import compute_metrics
 from revgan_med.inference import infer_volume, load_model
+from revgan_med.inference_files import derived_description
 from revgan_med.io import load_volume, save_volume
 
 __all__ = ["Model", "Translation", "evaluate", "load_model", "translate"]
@@ -46,9 +50,6 @@ def translate(
     `direction` ``forward`` (X→Y: thick→thin slices, smooth→sharp kernel) or ``inverse``; `options`
     as `revgan_med.inference.infer_volume`. `output` also writes the result (NIfTI, labelled derived).
     """
-    from revgan_med.errormap import flip_disagreement
-    from revgan_med.inference_files import derived_description
-
     array, grid = _volume(volume, affine)
     result = infer_volume(model, array, grid, direction=direction, **options)
     out = Translation(result.array, result.affine)
@@ -68,9 +69,6 @@ def evaluate(
     CT: both clipped to `window` (a preset name or (min, max) HU), data range its width; `window`
     None (dMRI) uses the reference's range.
     """
-    from revgan_med.data.transforms import parse_window
-    from revgan_med.evaluation import compute_metrics
-
     pred = prediction.array if isinstance(prediction, Translation) else prediction
     pred = load_volume(pred)[0] if isinstance(pred, (str, Path)) else np.asarray(pred)
     ref = load_volume(reference)[0] if isinstance(reference, (str, Path)) else np.asarray(reference)

@@ -15,10 +15,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+import monai
 import torch
 
+from revgan_med.checkpoints import Model, checkpoint_config, checkpoint_spec
+from revgan_med.export import card_markdown, exported_payload
+from revgan_med.inference_files import infer_path
 from revgan_med.io.atomic import atomic_path, atomic_write_text
+from revgan_med.networks.selfinverse import SelfInverseGenerator
 from revgan_med.tasks import TASK_CHANNELS
+from revgan_med.tiling import DEFAULT_MARGIN
 
 
 def load_network(
@@ -32,8 +38,6 @@ def load_network(
 
 def self_inverse(network: torch.nn.Module) -> torch.nn.Module:
     """The self-inverse wrapper (one function f = f⁻¹) that self-inverse models are trained with."""
-    from revgan_med.networks.selfinverse import SelfInverseGenerator
-
     return SelfInverseGenerator.from_generator(network)
 
 
@@ -47,9 +51,6 @@ class BundlePipeline:
 
     def __init__(self, network: torch.nn.Module, spec: dict[str, Any], *, device: str | torch.device,
                  direction: str = "forward") -> None:  # fmt: skip
-        from revgan_med.checkpoints import Model
-        from revgan_med.tiling import DEFAULT_MARGIN
-
         radius = getattr(network, "receptive_radius", None)
         self.direction = direction
         self.model = Model(
@@ -61,8 +62,6 @@ class BundlePipeline:
         )  # fmt: skip
 
     def __call__(self, input_path: str | Path, output_path: str | Path) -> Path:
-        from revgan_med.inference_files import infer_path
-
         if not input_path or not output_path:
             raise ValueError(
                 "set input_path and output_path (e.g. --input_path scan.nii.gz --output_path out.nii.gz)"
@@ -73,8 +72,6 @@ class BundlePipeline:
 
 def inference_config(payload: dict[str, Any]) -> dict[str, Any]:
     """The ``configs/inference.json`` content for an exported model payload."""
-    from revgan_med.checkpoints import checkpoint_config, checkpoint_spec
-
     config, task_spec = checkpoint_config(payload), checkpoint_spec(payload)
     m, channels = config.model, TASK_CHANNELS[config.task]
     network_def: dict[str, Any] = {
@@ -117,7 +114,6 @@ def inference_config(payload: dict[str, Any]) -> dict[str, Any]:
 
 def metadata(payload: dict[str, Any]) -> dict[str, Any]:
     """``configs/metadata.json``: MONAI's bundle metadata fields filled from the model card."""
-    import monai
     import numpy as np
 
     card = payload["card"]
@@ -145,8 +141,6 @@ def metadata(payload: dict[str, Any]) -> dict[str, Any]:
 
 def export_bundle(checkpoint: str | Path, output: str | Path, *, licence: str | None = None) -> Path:
     """Write the MONAI bundle folder `output` for `checkpoint` (an existing non-empty folder is refused)."""
-    from revgan_med.export import card_markdown, exported_payload
-
     out = Path(output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out}: exists and is not an empty folder; choose a new bundle folder")

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+from scipy.stats import spearmanr
 
-if TYPE_CHECKING:
-    from revgan_med.checkpoints import Model
+from revgan_med.checkpoints import Model
+from revgan_med.evaluation import match_cases
+from revgan_med.inference import infer_volume
+from revgan_med.io import load_volume
 
 Transform = tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]
 TOP_FRACTION = 0.05
@@ -52,8 +55,6 @@ def flip_disagreement(
     `array` (x, y, z), `affine` and `options` are what `infer_volume` got for `prediction`; the result
     has the prediction's shape and units. Costs one inference per transform (3–4).
     """
-    from revgan_med.inference import infer_volume
-
     if array.ndim != 3:
         raise ValueError(
             "error map: mirroring a diffusion tensor volume also changes its components; scalar volumes only"
@@ -96,8 +97,6 @@ def calibration(
     of map and error over `block`³ block means (where the error is, not which single voxel); NaN
     when either is constant.
     """
-    from scipy.stats import spearmanr
-
     if not error_map.shape[:3] == prediction.shape[:3] == reference.shape[:3]:
         raise ValueError(
             f"shapes differ: error map {error_map.shape}, prediction {prediction.shape}, "
@@ -132,9 +131,6 @@ def calibrate_files(
     error_map: str | Path, prediction: str | Path, reference: str | Path, *, window: Sequence[float] | None
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """`calibration` per case of files, or of folders matched by case name → (rows, [(case, problem)])."""
-    from revgan_med.evaluation import match_cases
-    from revgan_med.io import load_volume
-
     cases, failed = match_cases(prediction, reference, input=error_map)
     rows = []
     for case in cases:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import monai
 import numpy as np
 import torch
 
@@ -27,8 +28,12 @@ from revgan_med.checkpoints import (
     generator_from_checkpoint,
     load_checkpoint,
 )
+from revgan_med.data.datasets import load_datalist
+from revgan_med.data.transforms import intensity_from_dict
+from revgan_med.errormap import calibration, spread, tta_transforms
 from revgan_med.io.atomic import atomic_path, atomic_write_text
 from revgan_med.tasks import TASK_CHANNELS
+from revgan_med.training.validation import ValidationSet
 
 UNSET_LICENCE = "unspecified: the model's owner fills this in"
 # what only `train --resume` needs: never part of an exported model
@@ -72,8 +77,6 @@ def training_data_summary(datalist: str | Path) -> dict[str, Any]:
     """
     import nibabel as nib
 
-    from revgan_med.data.datasets import load_datalist
-
     try:
         items = load_datalist(datalist, "training")
     except ValueError as exc:
@@ -102,9 +105,6 @@ def validation_summary(payload: dict[str, Any]) -> dict[str, Any]:
     datalist's validation cases."""
     import warnings
 
-    from revgan_med.data.transforms import intensity_from_dict
-    from revgan_med.training.validation import ValidationSet
-
     config = checkpoint_config(payload)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -131,8 +131,6 @@ def validation_summary(payload: dict[str, Any]) -> dict[str, Any]:
 
 def _calibration(cases: Any, generator: torch.nn.Module, config: Any) -> dict[str, float]:
     """`revgan_med.errormap.calibration` of the error map on the validation cases (mean over cases)."""
-    from revgan_med.errormap import calibration, spread, tta_transforms
-
     transforms = tta_transforms(config.data.factors, config.data.patch_size)
 
     def predict(a: np.ndarray) -> np.ndarray:
@@ -155,8 +153,6 @@ def _finite(payload: dict[str, Any]) -> bool:
 
 def model_card(payload: dict[str, Any], *, licence: str | None = None) -> dict[str, Any]:
     """What a receiver needs to judge the model: what it was trained on, how it scored, versions."""
-    import monai
-
     config, spec = checkpoint_config(payload), checkpoint_spec(payload)
     m = config.model
     return {
@@ -261,7 +257,7 @@ def export_torchscript(checkpoint: str | Path, output: str | Path,
     config.model.memory_saving = False  # tracing records plain ops; same parameters and outputs
     generator = build_generator_from_config(config)
     if config.objective == "self-inverse":
-        from revgan_med.training.objectives_registration import SelfInverseGenerator
+        from revgan_med.networks.selfinverse import SelfInverseGenerator
 
         generator = SelfInverseGenerator.from_generator(generator)
     generator.load_state_dict(payload["models"]["generator"])

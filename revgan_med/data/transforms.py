@@ -16,7 +16,10 @@ from typing import Any
 
 import numpy as np
 from monai.transforms import InvertibleTransform, MapTransform, ScaleIntensityRange
+from scipy.ndimage import binary_erosion, binary_fill_holes, label
 
+from revgan_med.io import is_nifti, load_volume
+from revgan_med.io.dwi import load_dwi
 from revgan_med.tasks import DEFAULT_WINDOW, WindowSpec, parse_window
 
 
@@ -206,7 +209,6 @@ def brain_mask(dwi: np.ndarray, bvals: np.ndarray | None = None) -> np.ndarray:
     b0 signal can fall below the threshold, belong to the brain).
     """
     from dipy.segment.mask import median_otsu
-    from scipy.ndimage import binary_fill_holes, label
 
     dwi = np.asarray(dwi, dtype=np.float32)
     if dwi.ndim == 3:
@@ -231,9 +233,6 @@ def load_dti(
 
     DWI is fitted by `fit_dti` inside `brain_mask`; a given DTI's mask is its non-zero voxels.
     """
-    from revgan_med.io import is_nifti, load_volume
-    from revgan_med.io.dwi import load_dwi
-
     path = Path(path)
     if is_nifti(path) and _nifti_channels(path) == 6:
         data, affine = load_volume(path)
@@ -256,6 +255,4 @@ def _nifti_channels(path: Path) -> int | None:
 
 def interior_mask(mask: np.ndarray) -> np.ndarray:
     """Voxels whose whole 5×5×5 neighbourhood lies inside `mask` (binary erosion by a 5³ cube, §5.3)."""
-    from scipy.ndimage import binary_erosion
-
     return binary_erosion(np.asarray(mask, dtype=bool), structure=np.ones((5, 5, 5), bool), border_value=0)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from revgan_med.io.dicom import select_series
 from revgan_med.io.formats import VolumeError, is_nifti
 from revgan_med.io.volumes import load_volume
 
@@ -107,8 +108,6 @@ def dcm2niix_executable() -> str:
 
 def _convert_dicom(path: Path, series_uid: str | None) -> DWI:
     """Run dcm2niix on the series' own files and read back the 4D NIfTI that has gradients."""
-    from revgan_med.io.dicom import select_series
-
     series = select_series(path, series_uid)
     try:
         binary = dcm2niix_executable()

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from revgan_med.config import Config
+from revgan_med.data.datasets import SR_TASKS, load_datalist
+from revgan_med.io import load_volume, save_volume
 from revgan_med.io.atomic import atomic_write_text
 
 HOLDOUT_FRACTION = 0.2
@@ -37,9 +39,6 @@ def holdout_config(
     """`config` unchanged, or — one training case, no validation case — with ``data.datalist`` set to
     a split of that case written under ``run_dir/holdout`` (`write=False`: only the path, for the ranks
     that wait for rank 0 to write it)."""
-    from revgan_med.data.datasets import SR_TASKS, load_datalist
-    from revgan_med.io import load_volume, save_volume
-
     datalist = Path(config.data.datalist)
     try:
         raw = json.loads(datalist.read_text())
