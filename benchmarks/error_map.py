@@ -1,6 +1,6 @@
 """Does an error map predict the error? Calibration of candidate maps on held-out real CT.
 
-Uses the two models that ``python benchmarks/quality.py all --workdir W`` trains (sr on the chest CT
+Uses the models that ``python benchmarks/quality.py all --workdir W`` trains (sr on the chest CT
 below 70 % of its height; kernel on the x < 256 half of the Philips B/L pair) and their held-out
 tests: the abdomen CT (another patient, 3 mm) and the chest slab above the training part for sr, the
 x ≥ 256 half in both directions for kernel. For every test it scores, with `errormap.calibration`
@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             results[f"sr {name}"] = score(sr, thick, thick_affine, hr, window=SR_WINDOW, grid_input=upsampled)
             print(f"sr {name}: {json.dumps(results[f'sr {name}'])}", file=sys.stderr, flush=True)
     if args.experiment in ("kernel", "all"):
-        kernel = load_model(args.workdir / "kernel" / "run" / "checkpoints" / "last.pt", device="cpu")
+        last = args.workdir / "kernel" / "philips" / "run" / "checkpoints" / "last.pt"
+        kernel = load_model(last, device="cpu")
         pair = args.data / "ct_kernel_pair_philips_B_L"
         (smooth, affine), (sharp, _) = load_volume(pair / "B"), load_volume(pair / "L")
         y0, y1 = (int(v) for v in args.kernel_y.split(":"))

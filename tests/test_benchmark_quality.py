@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from quality import (
+    KERNEL_PAIRS,
     SIGMAS,
     TrainSettings,
     blur,
@@ -17,6 +18,7 @@ from quality import (
     main,
     run_kernel,
     run_sr,
+    split_half,
     split_slab,
     tune_filters,
     unsharp,
@@ -37,6 +39,29 @@ def test_split_slab_keeps_geometry() -> None:
     assert train.shape[2] == 28 and test.shape[2] == 40 - 36  # 0.7·40 → 28, gap of 2·4 slices
     np.testing.assert_array_equal(test, hu[..., 36:])
     assert np.allclose(a_test @ [0, 0, 0, 1], affine @ [0, 0, 36, 1]) and np.allclose(a_train, affine)
+
+
+def test_split_half_is_disjoint_and_keeps_geometry() -> None:
+    hu = np.arange(6 * 4 * 10, dtype=np.float32).reshape(6, 4, 10)
+    affine = np.diag([0.5, 0.5, 1.0, 1.0])
+    for axis in (0, 2):
+        (first, a_first), (second, a_second) = split_half(hu, affine, axis)
+        half = hu.shape[axis] // 2
+        assert first.shape[axis] == second.shape[axis] == half
+        np.testing.assert_array_equal(np.concatenate([first, second], axis=axis), hu)
+        voxel = [0, 0, 0, 1]
+        voxel[axis] = half
+        assert np.allclose(a_second @ [0, 0, 0, 1], affine @ voxel) and np.allclose(a_first, affine)
+
+
+def test_phantom_pair_halves_along_z(shared_data: Path) -> None:
+    pair = KERNEL_PAIRS["phantom"]
+    smooth, sharp, affine = pair.load(shared_data)
+    assert smooth.shape == sharp.shape == (512, 512, 48) and pair.axis == 2
+    (train, _), (test, test_affine) = split_half(smooth, affine, pair.axis)
+    assert train.shape[2] == test.shape[2] == 24  # z < 24 trains, z >= 24 tests: no slice in both
+    assert np.allclose(test_affine @ [0, 0, 0, 1], affine @ [0, 0, 24, 1])
+    assert not np.array_equal(smooth, sharp)  # two kernels, one grid
 
 
 def test_filters_and_body_mask() -> None:
