@@ -103,7 +103,7 @@ def _kernel_pair(pair: Path | None) -> tuple[Any, Any, Any]:
 def kernel_model(smooth: Any, sharp: Any, *, steps: int, device: Any, width: int = 16) -> Any:
     """A paired kernel model (rev_resnet3d, residual, fitted [7, 7, 1] linear paths, ``ct-full``
     window) trained `steps` L1 steps (no GAN: the half-slabs are thinner than a PatchGAN needs) on
-    patches of the first half of the slices → `inference.Model`."""
+    patches of the first half of the slices → `checkpoints.Model`."""
     import numpy as np
     import torch
 
