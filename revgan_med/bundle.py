@@ -42,7 +42,7 @@ def self_inverse(network: torch.nn.Module) -> torch.nn.Module:
 
 
 class BundlePipeline:
-    """``pipeline(input_path, output_path)``: `revgan_med.inference_files.infer_path` with the bundle's network.
+    """``pipeline(input_path, output_path)``: `revgan_med.inference_files.infer_path`, bundle network.
 
     `spec` holds what `revgan_med.checkpoints.Model` needs besides the network (task, intensity,
     patch_size, factors, upsample, target_size, context_size, batch_size, name); the margin around
