@@ -128,6 +128,7 @@ def run_experiment(
                 depth=2,
                 disc_width=8,
                 loss=loss,
+                patch_size=[patch] * 3,
                 residual=residual,
                 linear_kernel=linear_kernel,
                 lr=lr,

@@ -115,6 +115,7 @@ def run_experiment(
             depth=2,
             disc_width=8,
             loss={"gan": "none"},
+            patch_size=size,
             residual=residual,
             linear_kernel=linear_kernel,
             lr=lr,

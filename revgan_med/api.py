@@ -14,7 +14,7 @@ import numpy as np
 
 from revgan_med.checkpoints import Model
 from revgan_med.data.transforms import parse_window
-from revgan_med.errormap import flip_disagreement
+from revgan_med.errormap import flip_predictions
 from revgan_med.evaluation import compute_metrics
 from revgan_med.inference import infer_volume, load_model
 from revgan_med.inference_files import derived_description
@@ -43,20 +43,26 @@ def _volume(volume: str | Path | np.ndarray, affine: np.ndarray | None) -> tuple
 
 def translate(
     model: Model, volume: str | Path | np.ndarray, affine: np.ndarray | None = None, *,
-    direction: str = "forward", output: str | Path | None = None, error_map: bool = False, **options: Any,
+    direction: str = "forward", output: str | Path | None = None, error_map: bool = False,
+    ensemble: bool = False, **options: Any,
 ) -> Translation:  # fmt: skip
     """Translate a scan (a NIfTI file / DICOM folder, or an (x, y, z[, c]) array with its affine).
 
     `direction` ``forward`` (X→Y: thick→thin slices, smooth→sharp kernel) or ``inverse``; `options`
     as `revgan_med.inference.infer_volume`. `output` also writes the result (NIfTI, labelled derived).
+    `ensemble` returns the mean over the input as given, mirrored and x/y-swapped (``infer --ensemble``);
+    `error_map` is the spread of the same predictions.
     """
     array, grid = _volume(volume, affine)
     result = infer_volume(model, array, grid, direction=direction, **options)
     out = Translation(result.array, result.affine)
-    if error_map:
-        out.error_map = flip_disagreement(model, array, grid, result.array, direction=direction, **options)
+    if error_map or ensemble:
+        flips = np.stack(flip_predictions(model, array, grid, result.array, direction=direction, **options))
+        out.array = flips.mean(axis=0) if ensemble else out.array
+        out.error_map = flips.std(axis=0) if error_map else None
     if output is not None:
-        save_volume(out.array, out.affine, output, description=derived_description(model, direction))
+        description = derived_description(model, direction, ensemble=ensemble)
+        save_volume(out.array, out.affine, output, description=description)
     return out
 
 

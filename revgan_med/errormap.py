@@ -47,34 +47,51 @@ def tta_transforms(factors: Sequence[int], patch_size: Sequence[int]) -> dict[st
     return transforms
 
 
-def flip_disagreement(
+def flip_predictions(
     model: Model, array: np.ndarray, affine: np.ndarray, prediction: np.ndarray, **options: Any
-) -> np.ndarray:
-    """Per-voxel standard deviation of `prediction` and the predictions of mirrored / swapped inputs.
+) -> list[np.ndarray]:
+    """`prediction` and the predictions of the mirrored / x↔y-swapped inputs, each mapped back.
 
-    `array` (x, y, z), `affine` and `options` are what `infer_volume` got for `prediction`; the result
-    has the prediction's shape and units. Costs one inference per transform (3–4).
+    `array` (x, y, z), `affine` and `options` are what `infer_volume` got for `prediction`. Costs one
+    inference per transform (3–4). Their spread is the error map (`flip_disagreement`), their mean
+    the geometric self-ensemble (``infer --ensemble``).
     """
     if array.ndim != 3:
         raise ValueError(
-            "error map: mirroring a diffusion tensor volume also changes its components; scalar volumes only"
+            "mirroring a diffusion tensor volume also changes its components: the error map and the "
+            "ensemble are for scalar volumes only"
         )
     options = {k: v for k, v in options.items() if k != "consistency"}
 
     def predict(a: np.ndarray) -> np.ndarray:
         return infer_volume(model, a, affine, **options).array
 
-    return spread(predict, array, prediction, tta_transforms(model.factors, model.patch_size))
+    return transformed_outputs(predict, array, prediction, tta_transforms(model.factors, model.patch_size))
+
+
+def flip_disagreement(
+    model: Model, array: np.ndarray, affine: np.ndarray, prediction: np.ndarray, **options: Any
+) -> np.ndarray:
+    """Per-voxel standard deviation of `flip_predictions` (the prediction's shape and units)."""
+    return np.std(np.stack(flip_predictions(model, array, affine, prediction, **options)), axis=0)
+
+
+def transformed_outputs(
+    predict: Callable[[np.ndarray], np.ndarray], array: np.ndarray, prediction: np.ndarray,
+    transforms: dict[str, Transform],
+) -> list[np.ndarray]:  # fmt: skip
+    """`prediction` and ``undo(predict(apply(array)))`` for each transform (float32)."""
+    outputs = [prediction.astype(np.float32)]
+    outputs += [undo(predict(apply(array))).astype(np.float32) for apply, undo in transforms.values()]
+    return outputs
 
 
 def spread(
     predict: Callable[[np.ndarray], np.ndarray], array: np.ndarray, prediction: np.ndarray,
     transforms: dict[str, Transform],
 ) -> np.ndarray:  # fmt: skip
-    """Standard deviation over `prediction` and ``undo(predict(apply(array)))`` for each transform."""
-    outputs = [prediction.astype(np.float32)]
-    outputs += [undo(predict(apply(array))).astype(np.float32) for apply, undo in transforms.values()]
-    return np.std(np.stack(outputs), axis=0)
+    """Standard deviation over `transformed_outputs`."""
+    return np.std(np.stack(transformed_outputs(predict, array, prediction, transforms)), axis=0)
 
 
 def _block_means(volume: np.ndarray, block: int) -> np.ndarray:

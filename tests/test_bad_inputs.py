@@ -397,6 +397,14 @@ def test_infer_refuses_to_write_a_non_finite_output(world, tmp_path, capsys):
     assert not (tmp_path / "out.nii.gz").exists()
 
 
+def test_a_failing_scan_of_a_folder_is_named_once_and_the_others_still_run(world, tmp_path, capsys):
+    code, text = _run(_infer("run", "inf", "{t}/out")(world, tmp_path), capsys)
+    line = next(line for line in text.splitlines() if line.startswith("FAILED"))
+    scan = str(world["inputs"] / "inf" / "good.nii.gz")
+    assert code == 1 and line.startswith(f"FAILED {scan}: ") and line.count("good.nii.gz") == 1, line
+    assert "9 of 4096" in line and "1 written, 1 failed" in text  # other.nii.gz still ran
+
+
 def test_a_failed_new_run_removes_only_what_it_wrote(tmp_path):
     from revgan_med.training.guards import fresh_run_cleanup
 

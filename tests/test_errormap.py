@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -84,6 +85,25 @@ def test_a_model_that_is_not_equivariant_is_flagged_where_it_acts() -> None:
     assert (emap[changed] > 100).all() and np.allclose(emap[~changed], 0.0)
 
 
+def test_the_flip_ensemble_averages_the_five_hand_computed_predictions(tmp_path: Path) -> None:
+    from revgan_med.api import translate
+    from revgan_med.inference_files import infer_path
+
+    array = np.full((20, 12, 10), -500.0, np.float32)
+    array[10:] = 500.0  # a step along x at x = 10
+    model = _model(ShiftX())
+    # out[x] = in[x − 1] as given and mirrored in y or z; in[x + 1] mirrored in x; in[x] x/y-swapped
+    # (ShiftX then acts along y, where the volume is constant): x = 9 → (−500·4 + 500) / 5 = −300,
+    # x = 10 → (−500·3 + 500·2) / 5 = −100, every other slice keeps its value
+    expected = array.copy()
+    expected[9], expected[10] = -300.0, -100.0
+    np.testing.assert_allclose(translate(model, array, np.eye(4), ensemble=True).array, expected, atol=1e-3)
+    scan, out = tmp_path / "step.nii.gz", tmp_path / "out.nii.gz"
+    save_volume(array, np.eye(4), scan)
+    infer_path(model, scan, out, ensemble=True)
+    np.testing.assert_allclose(load_volume(out)[0], expected, atol=1e-3)
+
+
 def test_infer_and_evaluate_error_map_cli(tmp_path: Path, capsys) -> None:
     from revgan_med.checkpoints import save_checkpoint
     from revgan_med.cli import main
@@ -107,6 +127,13 @@ def test_infer_and_evaluate_error_map_cli(tmp_path: Path, capsys) -> None:
     assert "error map: mean" in capsys.readouterr().out
     assert load_volume(emap)[0].shape == load_volume(out)[0].shape == (16, 16, 16)
     assert main([*argv, "--error-map", str(emap), "--consistency-map", str(tmp_path / "c.nii.gz")]) == 2
+    plain, ensemble = tmp_path / "plain.nii.gz", tmp_path / "ensemble.nii.gz"
+    assert main([*argv[:-3], str(plain), "--device", "cpu"]) == 0
+    assert main([*argv[:-3], str(ensemble), "--device", "cpu", "--ensemble", "--error-map", str(emap)]) == 0
+    capsys.readouterr()
+    # an untrained network is not flip-equivariant: the ensemble differs from the plain output
+    assert b"flip-ensemble" in nib.load(ensemble).header["descrip"].tobytes()
+    assert not np.allclose(load_volume(ensemble)[0], load_volume(plain)[0])
     evaluate = ["evaluate", "--prediction", str(out), "--reference", str(reference), "--window=-1000,1000"]
     assert main([*evaluate, "--error-map", str(emap)]) == 0
     printed = capsys.readouterr().out

@@ -391,3 +391,15 @@ def test_save_series_refuses_overwrite_and_bad_input(tmp_path, rng):
     sheared[0, 2] = 0.5
     with pytest.raises(ValueError, match="sheared"):
         save_dicom_series(volume, sheared, tmp_path / "x", series_description="c")
+
+
+def test_a_new_series_write_removes_only_the_temporary_folder_a_killed_write_of_it_left(tmp_path, rng):
+    killed = tmp_path / ".out.k1ll3d_x.tmp"  # mkdtemp's folder for a write of "out", killed mid-series
+    other = tmp_path / ".other.k1ll3d_x.tmp"  # another series' temporary: not ours to touch
+    aside = tmp_path / ".out.k1ll3d_x.old"  # a replaced series moved aside: may hold the only copy
+    for folder in (killed, other, aside):
+        folder.mkdir()
+        (folder / "slice_0001.dcm").write_bytes(b"half")
+    save_dicom_series(rng.normal(size=(4, 4, 3)), np.eye(4), tmp_path / "out", series_description="a")
+    assert not killed.exists() and other.exists() and aside.exists()
+    assert len(list((tmp_path / "out").iterdir())) == 3

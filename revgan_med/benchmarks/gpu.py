@@ -124,7 +124,8 @@ def kernel_model(smooth: Any, sharp: Any, *, steps: int, device: Any, width: int
 
     torch.manual_seed(0)
     objective, optimizers = build("paired", generator="rev_resnet3d", width=width, depth=2, disc_width=8,
-                                  loss={"gan": "none"}, linear_kernel=[7, 7, 1], lr=2e-4)  # fmt: skip
+                                  loss={"gan": "none"}, patch_size=size, linear_kernel=[7, 7, 1],
+                                  lr=2e-4)  # fmt: skip
     fit(objective, optimizers, batches, steps=steps, device=device, linear_fit_batches=8, log=lambda m: None)
     generator = objective.generator.eval()
     return Model(generator, "ct-kernel", window.to_dict(), tuple(size), margin=generator.receptive_radius(),

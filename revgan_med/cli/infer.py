@@ -71,6 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "input mirrored along each axis and x/y swapped; 4-5x the inference time (see README, Error map)",
     )  # fmt: skip
     parser.add_argument(
+        "--ensemble", action="store_true",
+        help="write the mean of the outputs for the input as given, mirrored along each axis and x/y "
+        "swapped (geometric self-ensemble; 4-5x the inference time; see README)",
+    )  # fmt: skip
+    parser.add_argument(
         "--consistency-map", help="write |G(F(x)) - x| per voxel (NIfTI) and print its summary"
     )
     parser.add_argument(
@@ -135,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         amp=args.amp,
         keep_out_of_window=args.keep_out_of_window,
         tilt=args.tilt,
+        ensemble=args.ensemble,
     )
     for source, output, summary in report.done:
         line = f"{source} -> {output}"

@@ -9,26 +9,34 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 # ".<target name>.<8 random characters of mkstemp>.tmp<suffix>": what `atomic_path` leaves after a kill
+# (a file), or a killed DICOM series write (a folder made by mkdtemp with suffix ".tmp")
 _TEMP = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp(\.[^/]*)?$")
 
 
 def remove_stale_temps(folder: str | Path, target: str | None = None) -> list[Path]:
-    """Delete the temporary files a killed `atomic_path` left in `folder` (only those of `target`
-    when given); returns what was removed."""
+    """Delete the temporary files a killed `atomic_path` left in `folder`, and the temporary folders
+    of a killed series write (only those of `target` when given); returns what was removed."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     removed = []
     for entry in folder.iterdir():
         match = _TEMP.match(entry.name)
-        if match and entry.is_file() and target in (None, match["target"]):
+        if not match or target not in (None, match["target"]) or entry.is_symlink():
+            continue
+        if entry.is_file():
             entry.unlink(missing_ok=True)
-            removed.append(entry)
+        elif entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            continue
+        removed.append(entry)
     return removed
 
 

@@ -27,6 +27,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
 from revgan_med import __version__
+from revgan_med.io.atomic import remove_stale_temps
 from revgan_med.io.formats import VolumeError, is_nifti, one_line
 from revgan_med.io.tilt import TILT_MODES, correct_tilt
 
@@ -336,6 +337,7 @@ def save_dicom_series(
     common.SliceThickness = common.SpacingBetweenSlices = format_number_as_ds(float(steps[2]))
     common.Rows, common.Columns = array.shape[1], array.shape[0]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir.parent, out_dir.name)  # left by a write of this series that was killed
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         for k in range(array.shape[2]):

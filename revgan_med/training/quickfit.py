@@ -44,12 +44,14 @@ def build(
     depth: int,
     disc_width: int,
     loss: dict[str, Any],
+    patch_size: Sequence[int],
     residual: bool = True,
     linear_kernel: Sequence[int] | None = None,
     lr: float = 2e-4,
 ) -> tuple[nn.Module, dict[str, torch.optim.Optimizer]]:
     """A registered objective with a one-channel generator, its discriminators and Adam per role, as
-    ``revgan-med train`` builds them from a config (`loss`: the config's ``loss`` section).
+    ``revgan-med train`` builds them from a config (`loss`: the config's ``loss`` section;
+    `patch_size`: the training patches' (x, y, z), which the PatchGAN's layout adapts to).
 
     `residual` builds the generator as input + learned correction (identity when untrained), as
     ``model.residual`` does in the configs; `linear_kernel` adds the linear paths (zero at the start;
@@ -57,6 +59,7 @@ def build(
     """
     config = config_from_dict({
         "task": "ct-kernel", "objective": objective, "loss": loss,
+        "data": {"patch_size": [int(v) for v in patch_size]},
         "model": {"generator": generator, "width": width, "depth": depth, "disc_width": disc_width,
                   "memory_saving": False, "residual": residual,
                   "linear_kernel": None if linear_kernel is None else list(linear_kernel)},
