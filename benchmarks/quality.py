@@ -290,7 +290,8 @@ def run_sr(
             raise ValueError(f"sr: prediction shape {predicted.array.shape} != HR shape {hr.shape}")
         methods = {"model": predicted.array}
         if ensemble:
-            methods["ensemble"] = np.mean(flip_predictions(model, thick, thick_affine, predicted.array), axis=0)
+            flips = flip_predictions(model, thick, thick_affine, predicted.array)
+            methods["ensemble"] = np.mean(flips, axis=0)
         for baseline in ("tricubic", "trilinear"):
             methods[baseline] = baseline_volume(
                 baseline, thick, thick_affine, factors=FACTORS, hr_shape=hr.shape
