@@ -291,7 +291,7 @@ def run_sr(
         methods = {"model": predicted.array}
         if ensemble:
             flips = flip_predictions(model, thick, thick_affine, predicted.array)
-            methods["ensemble"] = np.mean(flips, axis=0)
+            methods["ensemble"] = flips.mean(axis=0)
         for baseline in ("tricubic", "trilinear"):
             methods[baseline] = baseline_volume(
                 baseline, thick, thick_affine, factors=FACTORS, hr_shape=hr.shape

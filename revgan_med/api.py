@@ -57,7 +57,7 @@ def translate(
     result = infer_volume(model, array, grid, direction=direction, **options)
     out = Translation(result.array, result.affine)
     if error_map or ensemble:
-        flips = np.stack(flip_predictions(model, array, grid, result.array, direction=direction, **options))
+        flips = flip_predictions(model, array, grid, result.array, direction=direction, **options)
         out.array = flips.mean(axis=0) if ensemble else out.array
         out.error_map = flips.std(axis=0) if error_map else None
     if output is not None:

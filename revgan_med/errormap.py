@@ -49,8 +49,9 @@ def tta_transforms(factors: Sequence[int], patch_size: Sequence[int]) -> dict[st
 
 def flip_predictions(
     model: Model, array: np.ndarray, affine: np.ndarray, prediction: np.ndarray, **options: Any
-) -> list[np.ndarray]:
-    """`prediction` and the predictions of the mirrored / x↔y-swapped inputs, each mapped back.
+) -> np.ndarray:
+    """`prediction` and the predictions of the mirrored / x↔y-swapped inputs, each mapped back,
+    stacked along a new first axis.
 
     `array` (x, y, z), `affine` and `options` are what `infer_volume` got for `prediction`. Costs one
     inference per transform (3–4). Their spread is the error map (`flip_disagreement`), their mean
@@ -73,17 +74,17 @@ def flip_disagreement(
     model: Model, array: np.ndarray, affine: np.ndarray, prediction: np.ndarray, **options: Any
 ) -> np.ndarray:
     """Per-voxel standard deviation of `flip_predictions` (the prediction's shape and units)."""
-    return np.std(np.stack(flip_predictions(model, array, affine, prediction, **options)), axis=0)
+    return flip_predictions(model, array, affine, prediction, **options).std(axis=0)
 
 
 def transformed_outputs(
     predict: Callable[[np.ndarray], np.ndarray], array: np.ndarray, prediction: np.ndarray,
     transforms: dict[str, Transform],
-) -> list[np.ndarray]:  # fmt: skip
-    """`prediction` and ``undo(predict(apply(array)))`` for each transform (float32)."""
+) -> np.ndarray:  # fmt: skip
+    """`prediction` and ``undo(predict(apply(array)))`` for each transform, stacked (float32)."""
     outputs = [prediction.astype(np.float32)]
     outputs += [undo(predict(apply(array))).astype(np.float32) for apply, undo in transforms.values()]
-    return outputs
+    return np.stack(outputs)
 
 
 def spread(
@@ -91,7 +92,7 @@ def spread(
     transforms: dict[str, Transform],
 ) -> np.ndarray:  # fmt: skip
     """Standard deviation over `transformed_outputs`."""
-    return np.std(np.stack(transformed_outputs(predict, array, prediction, transforms)), axis=0)
+    return transformed_outputs(predict, array, prediction, transforms).std(axis=0)
 
 
 def _block_means(volume: np.ndarray, block: int) -> np.ndarray:

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm import tqdm
 
 from revgan_med.checkpoints import Model
@@ -93,7 +92,7 @@ def infer_path(
     result = infer_volume(model, array, affine, consistency=cycle, **options)
     flips = None
     if ensemble or (consistency_map is not None and map_kind == "flips"):
-        flips = np.stack(flip_predictions(model, array, affine, result.array, **options))
+        flips = flip_predictions(model, array, affine, result.array, **options)
         if ensemble:
             result.array = flips.mean(axis=0)
     require_finite(result.array, f"{input_path}: the model's output")  # e.g. a checkpoint with NaN weights
