@@ -57,6 +57,9 @@ class ModelConfig:
 class LossConfig:
     gan: str = field(default="lsgan", metadata=_choices("lsgan", "vanilla", "none"))
     lambda_l1: float = 100.0
+    # paired: weight of the Y → X terms (L1, GAN) against X → Y; 0 trains X → Y only and skips computing
+    # Y → X, which halves a step (super-resolution users need thick → thin alone)
+    lambda_inverse: float = 1.0
     lambda_cycle: float = 10.0
     lambda_identity: float = 0.0
     pool_size: int = 50
@@ -231,6 +234,11 @@ def _check_values(config: Config) -> None:
     if not 0 <= config.data.foreground_fraction <= 1:
         raise ConfigError(f"config key 'data.foreground_fraction': {config.data.foreground_fraction!r} "
                           "must lie in [0, 1]")  # fmt: skip
+    if config.loss.lambda_inverse < 0:
+        raise ConfigError(f"config key 'loss.lambda_inverse': {config.loss.lambda_inverse!r} must be >= 0")
+    if config.loss.lambda_inverse != 1 and config.objective != "paired":
+        raise ConfigError(f"config key 'loss.lambda_inverse': only the paired objective weighs its "
+                          f"directions, objective is {config.objective!r}")  # fmt: skip
     if config.train.lr < 0:  # 0 is allowed: a run that only fits or evaluates
         raise ConfigError(f"config key 'train.lr': {config.train.lr!r} must be >= 0")
     if len(config.train.betas) != 2 or not all(0 <= b < 1 for b in config.train.betas):

@@ -88,6 +88,19 @@ def test_values_no_run_can_use_are_refused_naming_the_key(override, key):
         config_from_dict({}, [override])
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["loss.lambda_inverse=-1"], r"'loss\.lambda_inverse'.*>= 0"),
+        (["objective=unpaired", "loss.lambda_inverse=0"], r"'loss\.lambda_inverse'.*'unpaired'"),
+    ],
+)
+def test_settings_the_objective_or_task_cannot_honour_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({}, overrides)
+    assert config_from_dict({}, ["loss.lambda_inverse=0"]).loss.lambda_inverse == 0
+
+
 def test_edge_values_that_runs_use_are_accepted():
     config = config_from_dict({}, ["train.lr=0", "data.num_workers=0", "data.factors=[1,1,1]"])
     assert config.train.lr == 0 and config.data.factors == [1, 1, 1]

@@ -53,11 +53,11 @@ def test_image_pool_fills_then_mixes_history_and_round_trips():
     assert torch.equal(ImagePool(0).query(first), first)
 
 
-def _objective(objective: str, gan: str, generator: str = "rev_resnet3d"):
+def _objective(objective: str, gan: str, generator: str = "rev_resnet3d", **loss):
     config = config_from_dict(
         {"objective": objective, "task": "ct-sr",
          "model": {"generator": generator, "width": 4, "depth": 2, "disc_width": 4},
-         "loss": {"gan": gan, "pool_size": 2, "lambda_identity": 0.5}}
+         "loss": {"gan": gan, "pool_size": 2, "lambda_identity": 0.5, **loss}}
     )  # fmt: skip
     torch.manual_seed(0)
     obj = build_training_objective(config)
@@ -127,11 +127,36 @@ def test_paired_without_gan_is_lambda_times_l1_both_ways_and_has_no_discriminato
 
 
 def test_paired_discriminators_are_conditional_and_unpaired_needs_a_gan():
-    assert OBJECTIVES.get("paired").discriminator_channels(6, "lsgan") == {"disc_x": 12, "disc_y": 12}
-    assert OBJECTIVES.get("unpaired").discriminator_channels(6, "lsgan") == {"disc_x": 6, "disc_y": 6}
+    assert OBJECTIVES.get("paired").discriminator_channels(6, LossConfig()) == {"disc_x": 12, "disc_y": 12}
+    assert OBJECTIVES.get("unpaired").discriminator_channels(6, LossConfig()) == {"disc_x": 6, "disc_y": 6}
+    forward_only = LossConfig(lambda_inverse=0.0)
+    assert OBJECTIVES.get("paired").discriminator_channels(6, forward_only) == {"disc_y": 12}
     with pytest.raises(ValueError, match="needs a GAN loss"):
         OBJECTIVES.build(
             "unpaired", generator=torch.nn.Identity(), discriminators={}, loss=LossConfig(gan="none")
         )
     with pytest.raises(ValueError, match="unknown objective 'pix2pix'"):
         OBJECTIVES.get("pix2pix")
+
+
+def test_paired_inverse_weight_scales_the_y_to_x_terms_and_zero_never_runs_the_inverse(monkeypatch):
+    obj, kwargs = _objective("paired", "none", "rev_srcnn3d", lambda_inverse=0.25)
+    batch = _batch()
+    with torch.no_grad():
+        l1_xy = F.l1_loss(obj.generator(batch["image"]), batch["target"]).item()
+        l1_yx = F.l1_loss(obj.generator.inverse(batch["target"]), batch["image"]).item()
+    losses = update(obj, "generator", batch, **kwargs)
+    assert losses["l1_yx"] == pytest.approx(0.25 * 100 * l1_yx, rel=1e-5)
+    assert losses["g_loss"] == pytest.approx(100 * l1_xy + 25 * l1_yx, rel=1e-5)
+
+    obj, kwargs = _objective("paired", "lsgan", "rev_srcnn3d", lambda_inverse=0.0)
+    assert obj.discriminator_roles() == ["disc_y"]  # no D_X: nothing would train or use it
+
+    def refuse(*args):
+        raise AssertionError("the inverse ran although loss.lambda_inverse is 0")
+
+    monkeypatch.setattr(obj.generator, "inverse", refuse)
+    g_losses = update(obj, "generator", batch, **kwargs)
+    d_losses = update(obj, "discriminator", batch, **kwargs)
+    assert set(g_losses) == {"g_loss", "l1_xy", "gan_xy"}
+    assert set(d_losses) == {"d_loss", "d_y"}

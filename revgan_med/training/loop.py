@@ -95,7 +95,7 @@ def build_training_objective(config: Config) -> Objective:
             "linear paths and domain gate are fitted at the start, not trained"
         )
     generator = build_generator_from_config(config)
-    needed = OBJECTIVES.get(config.objective).discriminator_channels(channels, config.loss.gan)
+    needed = OBJECTIVES.get(config.objective).discriminator_channels(channels, config.loss)
     discriminators = {
         role: build_discriminator(
             "patchgan3d", in_channels=c, width=config.model.disc_width, patch_size=config.data.patch_size

@@ -121,12 +121,13 @@ class Objective(nn.Module):
         self._fakes: dict[str, torch.Tensor] = {}
 
     @classmethod
-    def discriminator_channels(cls, channels: int, gan: str) -> dict[str, int]:
-        """Role → input channels of the discriminators this objective needs for ``channels`` images."""
-        if gan == "none":
+    def discriminator_channels(cls, channels: int, loss: LossConfig) -> dict[str, int]:
+        """Role → input channels of the discriminators this objective needs for ``channels`` images
+        under the ``loss:`` settings (none without a GAN; no D_X when Y → X is not trained)."""
+        if loss.gan == "none":
             return {}
         width = 2 * channels if cls.conditional else channels
-        return {"disc_x": width, "disc_y": width}
+        return {"disc_y": width} if loss.lambda_inverse == 0 else {"disc_x": width, "disc_y": width}
 
     def modules_by_role(self) -> dict[str, nn.Module]:
         """Every trained network by role; each gets an Adam optimiser and is checkpointed."""
@@ -195,33 +196,37 @@ class PairedObjective(Objective):
     """Pix2pix in both directions (eq. 11): λ·(L1(F(x), y) + L1(G(y), x)) + cGAN(F, D_Y) + cGAN(G, D_X).
 
     λ is ``loss.lambda_l1`` (100); D_Y sees (x, y or F(x)), D_X sees (y, x or G(y)). With
-    ``loss.gan: none`` only the L1 terms remain (the "w/o L_GAN" rows of thesis Table 4).
+    ``loss.gan: none`` only the L1 terms remain (the "w/o L_GAN" rows of thesis Table 4). The Y → X
+    terms are weighted by ``loss.lambda_inverse`` (1); at 0 they, and D_X, are not computed at all.
     """
 
     conditional = True
 
     def generator_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         x, y = batch["image"], batch["target"]
-        fake_y, fake_x = self.generator(x), self.generator.inverse(y)
-        losses = {
-            "l1_xy": self.loss.lambda_l1 * F.l1_loss(fake_y, y),
-            "l1_yx": self.loss.lambda_l1 * F.l1_loss(fake_x, x),
-        }
+        fake_y = self.generator(x)
+        losses = {"l1_xy": self.loss.lambda_l1 * F.l1_loss(fake_y, y)}
         if self.discriminators:
             losses["gan_xy"] = self._gan("disc_y", torch.cat([x, fake_y], 1), real=True)
-            losses["gan_yx"] = self._gan("disc_x", torch.cat([y, fake_x], 1), real=True)
-        self._fakes = {"x": fake_x.detach(), "y": fake_y.detach()}
+        self._fakes = {"y": fake_y.detach()}
+        weight = self.loss.lambda_inverse
+        if weight:
+            fake_x = self.generator.inverse(y)
+            losses["l1_yx"] = weight * self.loss.lambda_l1 * F.l1_loss(fake_x, x)
+            if self.discriminators:
+                losses["gan_yx"] = weight * self._gan("disc_x", torch.cat([y, fake_x], 1), real=True)
+            self._fakes["x"] = fake_x.detach()
         return _total(losses)
 
     def discriminator_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         x, y = batch["image"], batch["target"]
-        fake_x, fake_y = self._fakes["x"], self._fakes["y"]
-        return _total(
-            {
-                "d_y": self._discriminator_loss("disc_y", torch.cat([x, y], 1), torch.cat([x, fake_y], 1)),
-                "d_x": self._discriminator_loss("disc_x", torch.cat([y, x], 1), torch.cat([y, fake_x], 1)),
-            }
-        )
+        judged = {"d_y": ("disc_y", x, y, self._fakes["y"])}  # role, condition, real, fake
+        if "x" in self._fakes:  # Y → X trained (loss.lambda_inverse > 0)
+            judged["d_x"] = ("disc_x", y, x, self._fakes["x"])
+        return _total({
+            name: self._discriminator_loss(role, torch.cat([c, real], 1), torch.cat([c, fake], 1))
+            for name, (role, c, real, fake) in judged.items()
+        })  # fmt: skip
 
 
 @OBJECTIVES.register("unpaired")

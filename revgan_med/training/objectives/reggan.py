@@ -64,8 +64,8 @@ class RegGANObjective(_Correction, Objective):
         self.registration = _registration_net(loss, _image_channels(generator))
 
     @classmethod
-    def discriminator_channels(cls, channels: int, gan: str) -> dict[str, int]:
-        return {} if gan == "none" else {"disc_y": channels}
+    def discriminator_channels(cls, channels: int, loss: LossConfig) -> dict[str, int]:
+        return {} if loss.gan == "none" else {"disc_y": channels}
 
     def modules_by_role(self) -> dict[str, nn.Module]:
         return {**super().modules_by_role(), "registration": self.registration}

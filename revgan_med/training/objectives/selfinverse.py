@@ -38,8 +38,8 @@ class SelfInverseObjective(Objective):
         self.steps_done = 0
 
     @classmethod
-    def discriminator_channels(cls, channels: int, gan: str) -> dict[str, int]:
-        return {} if gan == "none" else {"disc": 2 * channels}
+    def discriminator_channels(cls, channels: int, loss: LossConfig) -> dict[str, int]:
+        return {} if loss.gan == "none" else {"disc": 2 * channels}
 
     def extra_state(self) -> dict[str, Any]:
         return {"steps_done": self.steps_done}
