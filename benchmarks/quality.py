@@ -8,7 +8,9 @@ and tests it with `infer_volume` (the code of ``revgan-med infer``) and `compute
 (1.5 mm) below 70 % of its height; tested on the chest slab above it (after a gap of two thick
 slices) and on the abdomen CT (another patient, 3 mm voxels: also a change of scale), each
 thick-sliced by block averaging. Against centre-aligned tricubic and trilinear interpolation of the
-same thick slices, window [-1150, 350] HU. Target: model ≥ tricubic + 1.0 dB.
+same thick slices, window [-1150, 350] HU. ``loss.gan=none`` (L1 only; ``--sr-set loss.gan=lsgan`` puts
+the GAN back). The config trains thick → thin only (``loss.lambda_inverse: 0``). ``--ensemble`` adds the
+flip self-ensemble of ``infer --ensemble``. Target: model ≥ tricubic + 1.0 dB.
 
 ``kernel`` — two same-acquisition pairs (``--kernel-pair philips|phantom|both``), one model per pair
 with ``configs/ct_kernel_paired.yaml``: the Philips B (smooth) / L (sharp) chest CT, 512×512×20 with
@@ -27,13 +29,14 @@ the nlst window [-900, 400] HU, over the whole test half and over the body (> �
 component, holes filled per slice: the lungs are in). Targets: model ≥ 0.5 dB above the tuned
 filter and ≥ 3 dB above doing nothing, in both directions on each pair.
 
-Defaults (CPU, one torch thread): generator width 16, depth 2, Adam constant then linear decay over
-the second half. sr: the config's rev_srcnn3d, PatchGAN width 16, 32³ patches, tricubic input,
-lr 1e-3, 800 steps (~12 min on one core with testing). kernel: the config's rev_resnet3d and lr 2e-4,
-64×64×8 patches, 300 steps (~2.7 min of training per pair on one thread; ~5 min per pair with testing).
-Measured on both pairs, these beat rev_srcnn3d and lr 1e-3 in 3 of 4 directions (see the README).
-With --threads 2 on a CPU that other jobs share, OpenMP threads wait on each other: one thread is
-faster there. The last checkpoint is tested. These are short runs, not converged models: use
+Defaults (CPU, one torch thread): generator width 16, depth 2, Adam constant then linear decay over the
+second half, ``model.memory_saving=false`` (32³ and 64×64×8 patches fit easily; recomputing the core in
+backward would cost time, not save needed memory). sr: the config's rev_srcnn3d, 32³ patches, tricubic
+input, lr 1e-3, 2400 steps (~15 min of training on one free core). kernel: the config's rev_resnet3d and
+lr 2e-4, 64×64×8 patches, 300 steps (~2.7 min of training per pair on one thread; ~5 min per pair with
+testing). Measured on both pairs, these beat rev_srcnn3d and lr 1e-3 in 3 of 4 directions (see the
+README). With --threads 2 on a CPU that other jobs share, OpenMP threads wait on each other: one thread
+is faster there. The last checkpoint is tested. These are short runs, not converged models: use
 --sr-steps / --kernel-steps and --device cuda to go further. Measurements: ``benchmarks/README.md``.
 
 Examples (from the repository root):
@@ -133,7 +136,7 @@ class TrainSettings:
             f"train.steps={self.steps}", f"train.decay_start={self.steps // 2}", f"train.lr={self.lr}",
             f"train.checkpoint_every={self.steps}", f"train.device={self.device}", f"train.seed={self.seed}",
             f"data.patch_size={list(self.patch)}", "data.num_workers=0", f"model.width={self.width}",
-            f"model.depth={self.depth}", f"model.disc_width={self.disc_width}",
+            f"model.depth={self.depth}", f"model.disc_width={self.disc_width}", "model.memory_saving=false",
         ]  # fmt: skip
         return out + ([f"model.generator={self.generator}"] if self.generator else [])
 
@@ -145,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("experiment", nargs="?", default="all", choices=("sr", "kernel", "all"))
     parser.add_argument("--data", type=Path, default=SHARED_DATA, help="the shared real-scan folder")
-    parser.add_argument("--sr-steps", type=int, default=800, help="sr training steps (%(default)s)")
+    parser.add_argument("--sr-steps", type=int, default=2400, help="sr training steps (%(default)s)")
     parser.add_argument("--kernel-steps", type=int, default=300, help="kernel training steps (%(default)s)")
     parser.add_argument("--sr-lr", type=float, default=1e-3, help="sr Adam learning rate (%(default)s)")
     parser.add_argument("--kernel-lr", type=float, default=None, help="kernel Adam lr (default: config's)")
@@ -172,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--sr-set", action="append", default=[], metavar="KEY=VALUE",
-        help="extra config override for sr training, e.g. loss.gan=none (repeatable)",
+        help="extra config override for sr training, e.g. loss.gan=lsgan (repeatable)",
     )  # fmt: skip
     parser.add_argument(
         "--ensemble", action="store_true",
@@ -271,6 +274,7 @@ def run_sr(
 ) -> dict[str, Any]:  # fmt: skip
     """Train ×`FACTORS` on `train_scan` (HU, affine); test model / tricubic / trilinear on each of `tests`
     (`extra`: more config overrides; `ensemble`: also the model's flip self-ensemble)."""
+    extra = ["loss.gan=none", *extra]  # L1 only by default, as the kernel runs
     save_volume(*train_scan, workdir / "scans" / "train.nii.gz", description="training scan")
     log(f"sr: training {settings.steps} steps ...")
     checkpoint, seconds = _train(

@@ -39,6 +39,7 @@ def test_thesis_settings():
     sr = load_config(CONFIGS[0].parent / "ct_sr_paired.yaml")
     assert (sr.data.patch_size, sr.data.window, sr.data.factors) == ([128] * 3, "chest-1024", [2, 2, 4])
     assert (sr.loss.lambda_l1, sr.train.betas) == (100.0, [0.5, 0.999])
+    assert sr.loss.lambda_inverse == 0  # super-resolution trains thick → thin only (README, "Differences")
     # the thesis's rate everywhere except where a higher one was measured better (README, "Differences")
     assert sr.train.lr == 1e-3
     assert load_config(CONFIGS[0].parent / "ct_kernel_paired.yaml").train.lr == 2e-4

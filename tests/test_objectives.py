@@ -1,16 +1,18 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from revgan_med.config import LossConfig, config_from_dict
+from revgan_med.config import LossConfig, config_from_dict, load_config
 from revgan_med.training.distributed import DistributedContext
 from revgan_med.training.loop import build_training_objective, update
 from revgan_med.training.objectives import OBJECTIVES, ImagePool, gan_loss
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CPU = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
@@ -160,3 +162,22 @@ def test_paired_inverse_weight_scales_the_y_to_x_terms_and_zero_never_runs_the_i
     d_losses = update(obj, "discriminator", batch, **kwargs)
     assert set(g_losses) == {"g_loss", "l1_xy", "gan_xy"}
     assert set(d_losses) == {"d_loss", "d_y"}
+
+
+def test_shipped_sr_config_leaves_the_inverse_the_identity_so_it_is_block_averaging():
+    """ct_sr_paired trains thick → thin only; the residual generator's untouched inverse stays the
+    identity on the HR grid, which `infer --direction inverse` block-averages: the exact degradation."""
+    config = load_config(CONFIGS / "ct_sr_paired.yaml",
+                         ["model.width=4", "model.disc_width=4", "data.patch_size=[16,16,16]"])  # fmt: skip
+    torch.manual_seed(0)
+    obj = build_training_objective(config)
+    optimizers = {r: torch.optim.Adam(m.parameters(), lr=1e-2) for r, m in obj.modules_by_role().items()}
+    kwargs = {"optimizers": optimizers, "scaler": torch.amp.GradScaler("cpu", enabled=False), "context": CPU}
+    batch = {k: v[..., :16, :16, :16] for k, v in _batch().items()}
+    before = obj.generator(batch["image"]).detach()
+    for _ in range(2):
+        update(obj, "generator", batch, **kwargs)
+        update(obj, "discriminator", batch, **kwargs)
+    with torch.no_grad():
+        assert not torch.equal(obj.generator(batch["image"]), before)  # the forward direction trained
+        assert torch.equal(obj.generator.inverse(batch["target"]), batch["target"])
