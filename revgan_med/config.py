@@ -56,7 +56,10 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     gan: str = field(default="lsgan", metadata=_choices("lsgan", "vanilla", "none"))
-    lambda_l1: float = 100.0
+    lambda_l1: float = 100.0  # weight of the paired objective's pixel term, whichever `pixel` criterion
+    # paired: the pixel criterion, l1 (thesis) or mse, which PSNR measures (its optimum is the mean of
+    # what the input leaves open, L1's the median)
+    pixel: str = field(default="l1", metadata=_choices("l1", "mse"))
     # paired: weight of the Y → X terms (L1, GAN) against X → Y; 0 trains X → Y only and skips computing
     # Y → X, which halves a step (super-resolution users need thick → thin alone)
     lambda_inverse: float = 1.0
@@ -236,6 +239,9 @@ def _check_values(config: Config) -> None:
                           "must lie in [0, 1]")  # fmt: skip
     if config.loss.lambda_inverse < 0:
         raise ConfigError(f"config key 'loss.lambda_inverse': {config.loss.lambda_inverse!r} must be >= 0")
+    if config.loss.pixel != "l1" and config.objective != "paired":
+        raise ConfigError(f"config key 'loss.pixel': only the paired objective has a choice of pixel "
+                          f"criterion, objective is {config.objective!r}")  # fmt: skip
     if config.loss.lambda_inverse != 1 and config.objective != "paired":
         raise ConfigError(f"config key 'loss.lambda_inverse': only the paired objective weighs its "
                           f"directions, objective is {config.objective!r}")  # fmt: skip

@@ -164,13 +164,26 @@ def test_paired_inverse_weight_scales_the_y_to_x_terms_and_zero_never_runs_the_i
     assert set(d_losses) == {"d_loss", "d_y"}
 
 
+def test_paired_mse_pixel_term_is_lambda_times_the_mean_squared_error():
+    obj, kwargs = _objective("paired", "none", "rev_srcnn3d", pixel="mse")
+    batch = _batch()
+    with torch.no_grad():
+        sq_xy = ((obj.generator(batch["image"]) - batch["target"]) ** 2).mean().item()
+        sq_yx = ((obj.generator.inverse(batch["target"]) - batch["image"]) ** 2).mean().item()
+    losses = update(obj, "generator", batch, **kwargs)
+    assert set(losses) == {"g_loss", "mse_xy", "mse_yx"}
+    assert losses["mse_xy"] == pytest.approx(100 * sq_xy, rel=1e-5)
+    assert losses["mse_yx"] == pytest.approx(100 * sq_yx, rel=1e-5)
+
+
 def test_shipped_sr_config_leaves_the_inverse_the_identity_so_it_is_block_averaging():
     """ct_sr_paired trains thick → thin only; the residual generator's untouched inverse stays the
     identity on the HR grid, which `infer --direction inverse` block-averages: the exact degradation."""
-    config = load_config(CONFIGS / "ct_sr_paired.yaml",
-                         ["model.width=4", "model.disc_width=4", "data.patch_size=[16,16,16]"])  # fmt: skip
+    config = load_config(CONFIGS / "ct_sr_paired.yaml", ["model.width=4", "model.disc_width=4",
+                                                          "data.patch_size=[16,16,16]", "loss.gan=lsgan"])
     torch.manual_seed(0)
     obj = build_training_objective(config)
+    assert obj.discriminator_roles() == ["disc_y"]
     optimizers = {r: torch.optim.Adam(m.parameters(), lr=1e-2) for r, m in obj.modules_by_role().items()}
     kwargs = {"optimizers": optimizers, "scaler": torch.amp.GradScaler("cpu", enabled=False), "context": CPU}
     batch = {k: v[..., :16, :16, :16] for k, v in _batch().items()}

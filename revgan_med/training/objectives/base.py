@@ -196,23 +196,26 @@ class PairedObjective(Objective):
     """Pix2pix in both directions (eq. 11): λ·(L1(F(x), y) + L1(G(y), x)) + cGAN(F, D_Y) + cGAN(G, D_X).
 
     λ is ``loss.lambda_l1`` (100); D_Y sees (x, y or F(x)), D_X sees (y, x or G(y)). With
-    ``loss.gan: none`` only the L1 terms remain (the "w/o L_GAN" rows of thesis Table 4). The Y → X
-    terms are weighted by ``loss.lambda_inverse`` (1); at 0 they, and D_X, are not computed at all.
+    ``loss.gan: none`` only the L1 terms remain (the "w/o L_GAN" rows of thesis Table 4). ``loss.pixel:
+    mse`` puts the squared error in place of L1 (losses named ``mse_xy`` / ``mse_yx``). The Y → X terms
+    are weighted by ``loss.lambda_inverse`` (1); at 0 they, and D_X, are not computed at all.
     """
 
     conditional = True
 
     def generator_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         x, y = batch["image"], batch["target"]
+        pixel = self.loss.pixel
+        criterion = F.mse_loss if pixel == "mse" else F.l1_loss
         fake_y = self.generator(x)
-        losses = {"l1_xy": self.loss.lambda_l1 * F.l1_loss(fake_y, y)}
+        losses = {f"{pixel}_xy": self.loss.lambda_l1 * criterion(fake_y, y)}
         if self.discriminators:
             losses["gan_xy"] = self._gan("disc_y", torch.cat([x, fake_y], 1), real=True)
         self._fakes = {"y": fake_y.detach()}
         weight = self.loss.lambda_inverse
         if weight:
             fake_x = self.generator.inverse(y)
-            losses["l1_yx"] = weight * self.loss.lambda_l1 * F.l1_loss(fake_x, x)
+            losses[f"{pixel}_yx"] = weight * self.loss.lambda_l1 * criterion(fake_x, x)
             if self.discriminators:
                 losses["gan_yx"] = weight * self._gan("disc_x", torch.cat([y, fake_x], 1), real=True)
             self._fakes["x"] = fake_x.detach()
