@@ -8,9 +8,9 @@ and tests it with `infer_volume` (the code of ``revgan-med infer``) and `compute
 (1.5 mm) below 70 % of its height; tested on the chest slab above it (after a gap of two thick
 slices) and on the abdomen CT (another patient, 3 mm voxels: also a change of scale), each
 thick-sliced by block averaging. Against centre-aligned tricubic and trilinear interpolation of the
-same thick slices, window [-1150, 350] HU. The config's loss as shipped: squared error, no GAN, thick →
-thin only (``--sr-set loss.pixel=l1 --sr-set loss.gan=lsgan`` for the thesis's). ``--ensemble`` adds
-the flip self-ensemble of ``infer --ensemble``. Target: model ≥ tricubic + 1.0 dB.
+same thick slices, window [-1150, 350] HU. The config's loss as shipped: L1, no GAN, thick → thin only
+(``--sr-set loss.gan=lsgan`` adds the thesis's GAN, ``--sr-set loss.pixel=mse`` the squared error).
+``--ensemble`` adds the flip self-ensemble of ``infer --ensemble``. Target: model ≥ tricubic + 1.0 dB.
 
 ``kernel`` — two same-acquisition pairs (``--kernel-pair philips|phantom|both``), one model per pair
 with ``configs/ct_kernel_paired.yaml``: the Philips B (smooth) / L (sharp) chest CT, 512×512×20 with
