@@ -87,14 +87,6 @@ def transformed_outputs(
     return np.stack(outputs)
 
 
-def spread(
-    predict: Callable[[np.ndarray], np.ndarray], array: np.ndarray, prediction: np.ndarray,
-    transforms: dict[str, Transform],
-) -> np.ndarray:  # fmt: skip
-    """Standard deviation over `transformed_outputs`."""
-    return transformed_outputs(predict, array, prediction, transforms).std(axis=0)
-
-
 def _block_means(volume: np.ndarray, block: int) -> np.ndarray:
     """Mean over non-overlapping `block`³ blocks (the remainder at the far edges is left out)."""
     n = [s // block for s in volume.shape[:3]]

@@ -30,7 +30,7 @@ from revgan_med.checkpoints import (
 )
 from revgan_med.data.datasets import load_datalist
 from revgan_med.data.transforms import intensity_from_dict
-from revgan_med.errormap import calibration, spread, tta_transforms
+from revgan_med.errormap import calibration, transformed_outputs, tta_transforms
 from revgan_med.io.atomic import atomic_path, atomic_write_text
 from revgan_med.tasks import TASK_CHANNELS
 from revgan_med.training.validation import ValidationSet
@@ -140,7 +140,7 @@ def _calibration(cases: Any, generator: torch.nn.Module, config: Any) -> dict[st
     for case in cases.cases:
         image, mapping = case["image"][0], case["mapping"]
         prediction = predict(image)
-        emap = spread(predict, image, prediction, transforms)
+        emap = transformed_outputs(predict, image, prediction, transforms).std(axis=0)
         reference = mapping.denormalize(case["target"][0])
         rows.append(calibration(emap, mapping.denormalize(prediction), reference))
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}

@@ -27,10 +27,13 @@ from revgan_med.io.volumes import is_nifti
 from revgan_med.sharding import shard_items
 
 
+def _output_kind(direction: str, ensemble: bool) -> str:
+    return f"{direction} flip-ensemble" if ensemble else direction
+
+
 def derived_description(model: Model, direction: str, *, ensemble: bool = False) -> str:
     """The label every output carries: GAN outputs can invent or remove structures (§7.4)."""
-    kind = f"{direction} flip-ensemble" if ensemble else direction
-    return f"revgan-med derived: {model.name} {kind}; not for diagnosis"
+    return f"revgan-med derived: {model.name} {_output_kind(direction, ensemble)}; not for diagnosis"
 
 
 def _refuse_overwrite(input_path: Path, output_path: Path) -> None:
@@ -108,8 +111,7 @@ def infer_path(
             result.array,
             result.affine,
             output_path,
-            series_description=f"revgan-med derived {model.name} {direction}"
-            + (" flip-ensemble" if ensemble else "")
+            series_description=f"revgan-med derived {model.name} {_output_kind(direction, ensemble)}"
             + (" tilt-corrected" if notes else ""),
             source=None if is_nifti(input_path) else input_path,
             source_series_uid=series_uid,
