@@ -29,20 +29,21 @@ the nlst window [-900, 400] HU, over the whole test half and over the body (> �
 component, holes filled per slice: the lungs are in). Targets: model ≥ 0.5 dB above the tuned
 filter and ≥ 3 dB above doing nothing, in both directions on each pair.
 
-Defaults (CPU, one torch thread): generator width 16, depth 2, Adam constant then linear decay over the
+Defaults (CPU, two torch threads): generator width 16, depth 2, Adam constant then linear decay over the
 second half, ``model.memory_saving=false`` (32³ and 64×64×8 patches fit easily; recomputing the core in
-backward would cost time, not save needed memory). sr: the config's rev_srcnn3d, 32³ patches, tricubic
-input, lr 1e-3, 2400 steps (~15 min of training on one free core). kernel: the config's rev_resnet3d and
-lr 2e-4, 64×64×8 patches, 300 steps (~2.7 min of training per pair on one thread; ~5 min per pair with
-testing). Measured on both pairs, these beat rev_srcnn3d and lr 1e-3 in 3 of 4 directions (see the
-README). With --threads 2 on a CPU that other jobs share, OpenMP threads wait on each other: one thread
-is faster there. The last checkpoint is tested. These are short runs, not converged models: use
+backward would cost time, not save needed memory). sr: the config's rev_srcnn3d, two 32³ patches per
+step, tricubic input, lr 1e-3, 6400 steps (~14 min of training on two free cores; a batch of one 32³
+patch takes PyTorch's slow non-oneDNN convolution and is slower per step than two). kernel: the config's
+rev_resnet3d and lr 2e-4, 64×64×8 patches, 300 steps (~2.7 min of training per pair on one thread; ~5 min
+per pair with testing). Measured on both pairs, these beat rev_srcnn3d and lr 1e-3 in 3 of 4 directions
+(see the README). On a CPU that other jobs share, OpenMP threads wait on each other: ``--threads 1`` is
+faster there. The last checkpoint is tested. These are short runs, not converged models: use
 --sr-steps / --kernel-steps and --device cuda to go further. Measurements: ``benchmarks/README.md``.
 
 Examples (from the repository root):
   python benchmarks/quality.py sr
   python benchmarks/quality.py kernel --kernel-pair phantom --linear-start --json kernel.json
-  python benchmarks/quality.py all --threads 2 --workdir runs/quality
+  python benchmarks/quality.py all --threads 1 --workdir runs/quality   # on a CPU that other jobs share
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ class TrainSettings:
     patch: tuple[int, int, int] = (32, 32, 32)
     width: int = 16
     depth: int = 2
+    batch_size: int = 1
     disc_width: int = 16
     generator: str | None = None  # None: the config's
     device: str = "auto"
@@ -135,6 +137,7 @@ class TrainSettings:
         out = [
             f"train.steps={self.steps}", f"train.decay_start={self.steps // 2}", f"train.lr={self.lr}",
             f"train.checkpoint_every={self.steps}", f"train.device={self.device}", f"train.seed={self.seed}",
+            f"train.batch_size={self.batch_size}",
             f"data.patch_size={list(self.patch)}", "data.num_workers=0", f"model.width={self.width}",
             f"model.depth={self.depth}", f"model.disc_width={self.disc_width}", "model.memory_saving=false",
         ]  # fmt: skip
@@ -148,8 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("experiment", nargs="?", default="all", choices=("sr", "kernel", "all"))
     parser.add_argument("--data", type=Path, default=SHARED_DATA, help="the shared real-scan folder")
-    parser.add_argument("--sr-steps", type=int, default=2400, help="sr training steps (%(default)s)")
+    parser.add_argument("--sr-steps", type=int, default=6400, help="sr training steps (%(default)s)")
     parser.add_argument("--kernel-steps", type=int, default=300, help="kernel training steps (%(default)s)")
+    parser.add_argument("--sr-batch", type=int, default=2, help="sr patches per step (%(default)s)")
     parser.add_argument("--sr-lr", type=float, default=1e-3, help="sr Adam learning rate (%(default)s)")
     parser.add_argument("--kernel-lr", type=float, default=None, help="kernel Adam lr (default: config's)")
     parser.add_argument("--width", type=int, default=16, help="generator width (%(default)s)")
@@ -181,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--ensemble", action="store_true",
         help="sr: also test the flip self-ensemble of the model (`infer --ensemble`, 4-5x inference time)",
     )  # fmt: skip
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (%(default)s)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (%(default)s)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None, help="keep datalists and runs here")
@@ -198,8 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             abdomen = load_volume(args.data / "ct_abdomen_3mm" / "abdomen_ct.nii.gz")
             train_scan, slab = split_slab(*chest, fraction=0.7, multiple=FACTORS[2])
             settings = TrainSettings(
-                steps=args.sr_steps, lr=args.sr_lr, generator=args.sr_generator, patch=(32, 32, 32), **common
-            )
+                steps=args.sr_steps, lr=args.sr_lr, generator=args.sr_generator, patch=(32, 32, 32),
+                batch_size=args.sr_batch, **common,
+            )  # fmt: skip
             tests = {"chest slab z>=70%": slab, "abdomen (3 mm)": abdomen}
             results["sr"] = run_sr(
                 train_scan, tests, settings=settings, upsample=args.upsample, workdir=work / "sr", log=log,
@@ -430,8 +435,8 @@ def format_sr(result: dict[str, Any]) -> str:
     lines = [
         f"sr x{tuple(s['factors'])}: {s['generator'] or 'config generator'} width {s['width']} "
         f"depth {s['depth']}, "
-        f"patch {s['patch']}, {s['steps']} steps, lr {s['lr']:g}, upsample {s['upsample']}, "
-        f"trained {result['train_s']:.0f} s; window {result['window_hu']} HU"
+        f"patch {s['patch']} x {s['batch_size']}, {s['steps']} steps, lr {s['lr']:g}, "
+        f"upsample {s['upsample']}, trained {result['train_s']:.0f} s; window {result['window_hu']} HU"
         + "".join(f"; {o}" for o in s.get("extra", ())),
         f"{'test':<22}{'method':<11}{'MAE HU':>9}{'PSNR dB':>9}{'SSIM':>8}{'vs tricubic':>13}",
     ]

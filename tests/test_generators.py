@@ -112,6 +112,29 @@ def test_memory_saving_matches_plain(name, direction, options):
         assert ((a - b).norm() / b.norm()).item() < 1e-4
 
 
+@pytest.mark.parametrize("name", REVERSIBLE)
+def test_channels_last_weights_compute_the_same_step_and_load_into_a_plain_model(name):
+    """CPU training keeps 5-D weights channels-last (faster oneDNN backward); that must not change the
+    step, and its state dict must load into a freshly built (contiguous) model, as inference does."""
+    contiguous = build(name, True, depth=2, residual=False)
+    init_weights(contiguous, zero_last=False)
+    last = build(name, True, depth=2, residual=False).to(memory_format=torch.channels_last_3d)
+    last.load_state_dict(contiguous.state_dict())
+    assert any(p.dim() == 5 and not p.is_contiguous() for p in last.parameters())
+    x = torch.randn(2, 1, 12, 12, 12)
+    out = []
+    for model in (contiguous, last):
+        y = model(x)
+        y.square().sum().backward()
+        grads = [p.grad.flatten() for p in model.parameters() if p.grad is not None]
+        out.append((y.detach(), torch.cat(grads)))
+    torch.testing.assert_close(out[1][0], out[0][0], atol=1e-5, rtol=1e-5)
+    assert ((out[1][1] - out[0][1]).norm() / out[0][1].norm()).item() < 1e-4
+    fresh = build(name, True, depth=2, residual=False)
+    fresh.load_state_dict(last.state_dict())
+    torch.testing.assert_close(fresh(x), out[0][0], atol=1e-5, rtol=1e-5)
+
+
 def test_rev_resnet3d_output_in_tanh_range():
     model = build("rev_resnet3d")
     init_weights(model, std=1.0)
