@@ -5,11 +5,13 @@ datalist, `revgan_med.training.loop.train` runs the packaged config with the CPU
 and tests it with `infer_volume` (the code of ``revgan-med infer``) and `compute_metrics`:
 
 ``sr`` — super-resolution ×(2,2,4), ``configs/ct_sr_paired.yaml``. Trained on the shared chest CT
-(1.5 mm) below 70 % of its height; tested on the chest slab above it (after a gap of two thick
-slices) and on the abdomen CT (another patient, 3 mm voxels: also a change of scale), each
-thick-sliced by block averaging. Against centre-aligned tricubic and trilinear interpolation of the
-same thick slices, window [-1150, 350] HU. The config's loss as shipped: L1, no GAN, thick → thin only
-(``--sr-set loss.gan=lsgan`` adds the thesis's GAN, ``--sr-set loss.pixel=mse`` the squared error).
+(1.5 mm) below 70 % of its height and on the shared Philips chest DICOM series (another patient and
+scanner, 0.98 × 0.98 × 2 mm; ``--sr-also-train``); tested on the chest slab above the training part
+(after a gap of two thick slices) and on the abdomen CT (a third patient, 3 mm voxels: also a change
+of scale), each thick-sliced by block averaging. Against centre-aligned tricubic and trilinear
+interpolation of the same thick slices, window [-1150, 350] HU. The config's loss as shipped: L1, no
+GAN, thick → thin only (``--sr-set loss.gan=lsgan`` adds the thesis's GAN, ``--sr-set loss.pixel=mse``
+the squared error).
 ``--ensemble`` adds the flip self-ensemble of ``infer --ensemble``. Target: model ≥ tricubic + 1.0 dB.
 
 ``kernel`` — two same-acquisition pairs (``--kernel-pair philips|phantom|both``), one model per pair
@@ -31,14 +33,15 @@ filter and ≥ 3 dB above doing nothing, in both directions on each pair.
 
 Defaults (CPU, two torch threads): generator width 16, depth 2, Adam constant then linear decay over the
 second half, ``model.memory_saving=false`` (32³ and 64×64×8 patches fit easily; recomputing the core in
-backward would cost time, not save needed memory). sr: the config's rev_srcnn3d, two 32³ patches per
-step, tricubic input, lr 1e-3, 6400 steps (~14 min of training on two free cores; a batch of one 32³
-patch takes PyTorch's slow non-oneDNN convolution and is slower per step than two). kernel: the config's
-rev_resnet3d and lr 2e-4, 64×64×8 patches, 300 steps (~2.7 min of training per pair on one thread; ~5 min
-per pair with testing). Measured on both pairs, these beat rev_srcnn3d and lr 1e-3 in 3 of 4 directions
-(see the README). On a CPU that other jobs share, OpenMP threads wait on each other: ``--threads 1`` is
-faster there. The last checkpoint is tested. These are short runs, not converged models: use
---sr-steps / --kernel-steps and --device cuda to go further. Measurements: ``benchmarks/README.md``.
+backward would cost time, not save needed memory). sr: the config's rev_srcnn3d, two 32³ patches per step,
+tricubic input, lr 1e-3, 6400 steps (~14 min of training on two free cores; a batch of one 32³ patch takes
+PyTorch's slow non-oneDNN convolution and is slower per step than two). kernel: the config's rev_resnet3d
+and lr 2e-4, 64×64×8 patches, 1500 steps (11–13 min of training per pair on one thread; ~15 min per pair
+with testing). Measured on both pairs, these beat rev_srcnn3d and lr 1e-3 in 3 of 4 directions, and 1500
+steps beat 300 in all four (see the README). On a CPU that other jobs share, OpenMP threads wait on each
+other: ``--threads 1`` is faster there. The last checkpoint is tested. These are short runs, not converged
+models: use --sr-steps / --kernel-steps and --device cuda to go further. Measurements:
+``benchmarks/README.md``.
 
 Examples (from the repository root):
   python benchmarks/quality.py sr
@@ -83,6 +86,10 @@ KERNEL_WINDOW = WINDOWS["nlst"]
 # filter grids; a sharp kernel is close to a high-gain Laplacian (small sigma, large amount)
 SIGMAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.5, 3.0)  # in-plane, voxels
 AMOUNTS = tuple(0.25 * 2 ** (k / 2) for k in range(17))  # unsharp-mask gain 0.25 … 64
+# more shared CTs for sr training. Not: the sr test scans; the kernel pairs' B/L chest (20 slices of 5 mm,
+# thinner than a 32-voxel patch); the head phantom (a plastic head at 0.45 mm in-plane: training on it
+# as well lowered both test scores, see benchmarks/README.md)
+SR_ALSO_TRAIN = ("ct_chest_dicom_philips/dcm",)
 SR_GAIN_DB = 1.0  # issue 17: model >= tricubic + 1.0 dB
 KERNEL_GAIN_DB, KERNEL_OVER_INPUT_DB = 0.5, 3.0  # issue 17: model >= tuned filter + 0.5 dB
 Log = Callable[[str], None]
@@ -152,8 +159,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("experiment", nargs="?", default="all", choices=("sr", "kernel", "all"))
     parser.add_argument("--data", type=Path, default=SHARED_DATA, help="the shared real-scan folder")
     parser.add_argument("--sr-steps", type=int, default=6400, help="sr training steps (%(default)s)")
-    parser.add_argument("--kernel-steps", type=int, default=300, help="kernel training steps (%(default)s)")
+    parser.add_argument("--kernel-steps", type=int, default=1500, help="kernel training steps (%(default)s)")
     parser.add_argument("--sr-batch", type=int, default=2, help="sr patches per step (%(default)s)")
+    parser.add_argument(
+        "--sr-also-train", nargs="*", default=list(SR_ALSO_TRAIN), metavar="PATH",
+        help="more CT scans under --data for sr training; none after the option: the chest part alone "
+        "(default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument("--sr-lr", type=float, default=1e-3, help="sr Adam learning rate (%(default)s)")
     parser.add_argument("--kernel-lr", type=float, default=None, help="kernel Adam lr (default: config's)")
     parser.add_argument("--width", type=int, default=16, help="generator width (%(default)s)")
@@ -200,14 +212,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.experiment in ("sr", "all"):
             chest = load_volume(args.data / "ct_chest_1p5mm" / "chest_ct.nii.gz")
             abdomen = load_volume(args.data / "ct_abdomen_3mm" / "abdomen_ct.nii.gz")
-            train_scan, slab = split_slab(*chest, fraction=0.7, multiple=FACTORS[2])
+            chest_part, slab = split_slab(*chest, fraction=0.7, multiple=FACTORS[2])
+            more = {p: load_volume(args.data / p) for p in args.sr_also_train}
+            train_scans = {"chest z<70%": chest_part, **more}
             settings = TrainSettings(
                 steps=args.sr_steps, lr=args.sr_lr, generator=args.sr_generator, patch=(32, 32, 32),
                 batch_size=args.sr_batch, **common,
             )  # fmt: skip
             tests = {"chest slab z>=70%": slab, "abdomen (3 mm)": abdomen}
             results["sr"] = run_sr(
-                train_scan, tests, settings=settings, upsample=args.upsample, workdir=work / "sr", log=log,
+                train_scans, tests, settings=settings, upsample=args.upsample, workdir=work / "sr", log=log,
                 extra=args.sr_set, ensemble=args.ensemble,
             )
             print(format_sr(results["sr"]), flush=True)
@@ -273,13 +287,16 @@ def window_metrics(
 
 
 def run_sr(
-    train_scan: tuple[np.ndarray, np.ndarray], tests: dict[str, tuple[np.ndarray, np.ndarray]], *,
+    train_scans: dict[str, tuple[np.ndarray, np.ndarray]], tests: dict[str, tuple[np.ndarray, np.ndarray]], *,
     settings: TrainSettings, upsample: str = "tricubic", workdir: Path, log: Log = print,
     extra: Sequence[str] = (), ensemble: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
-    """Train ×`FACTORS` on `train_scan` (HU, affine); test model / tricubic / trilinear on each of `tests`
-    (`extra`: more config overrides; `ensemble`: also the model's flip self-ensemble)."""
-    save_volume(*train_scan, workdir / "scans" / "train.nii.gz", description="training scan")
+    """Train ×`FACTORS` on `train_scans` (name → HU, affine; every one trains, none validates); test
+    model / tricubic / trilinear on each of `tests` (`extra`: more config overrides; `ensemble`: also the
+    model's flip self-ensemble)."""
+    for i, (name, scan) in enumerate(train_scans.items()):
+        log(f"sr: training scan {i}: {name} {scan[0].shape}")
+        save_volume(*scan, workdir / "scans" / f"train{i}.nii.gz", description="training scan")
     log(f"sr: training {settings.steps} steps ...")
     checkpoint, seconds = _train(
         "ct_sr_paired.yaml", workdir / "scans", workdir, task="ct-sr", window=DEFAULT_WINDOW,
@@ -308,8 +325,8 @@ def run_sr(
             rows.append({"test": name, "method": method, **window_metrics(volume, hr, SR_WINDOW)})
     return {"settings": {**asdict(settings), "upsample": upsample, "factors": list(FACTORS),
                          "extra": list(extra)},
-            "window_hu": list(SR_WINDOW), "train_shape": list(train_scan[0].shape), "train_s": seconds,
-            "rows": rows, "target_db": SR_GAIN_DB}  # fmt: skip
+            "window_hu": list(SR_WINDOW), "train_s": seconds, "rows": rows, "target_db": SR_GAIN_DB,
+            "train_shapes": {name: list(hu.shape) for name, (hu, _) in train_scans.items()}}  # fmt: skip
 
 
 def body_mask(hu: np.ndarray) -> np.ndarray:

@@ -3,6 +3,7 @@ split, tuned filters."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -119,11 +120,14 @@ def test_kernel_experiment_toy(phantom_pair, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_sr_experiment_toy(tmp_path: Path) -> None:
-    train = make_phantom((48, 48, 48), seed=1)
+    train = {"a": make_phantom((48, 48, 48), seed=1), "b": make_phantom((40, 48, 32), seed=3)}
     test = make_phantom((32, 32, 34), seed=2)  # 34 slices: cropped to whole blocks of 4
     settings = TrainSettings(steps=2, patch=(24, 24, 24), width=4, depth=1, disc_width=4, device="cpu")
     result = run_sr(train, {"phantom": test}, settings=settings, workdir=tmp_path, log=lambda m: None,
                     extra=["train.betas=[0.9,0.999]"], ensemble=True)  # fmt: skip
+    assert result["train_shapes"] == {"a": [48, 48, 48], "b": [40, 48, 32]}
+    datalist = json.loads((tmp_path / "prep" / "datalist.json").read_text())
+    assert len(datalist["training"]) == 2 and datalist["validation"] == []  # both scans train
     rows = {r["method"]: r for r in result["rows"]}
     assert list(rows) == ["model", "ensemble", "tricubic", "trilinear"]
     assert all(np.isfinite(r[k]) for r in rows.values() for k in ("mae", "psnr", "ssim"))

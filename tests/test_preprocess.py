@@ -126,6 +126,23 @@ def test_all_good_exits_0_and_output_inside_input_is_not_rediscovered(tmp_path):
     assert len(datalist["training"]) == 1 and datalist["validation"] == []  # one case: nothing to hold out
 
 
+def test_validation_fraction_zero_trains_every_case_and_out_of_range_is_a_usage_error(tmp_path, capsys):
+    root = tmp_path / "in"
+    for seed in (1, 2):
+        save_volume(*make_phantom(SHAPE, seed=seed), root / f"p{seed}.nii.gz")
+    out = tmp_path / "prep"
+    assert main(["preprocess", str(root), str(out), "--task", "ct-sr", "--val-fraction", "0"]) == 0
+    datalist = json.loads((out / "datalist.json").read_text())
+    assert [e["target"] for e in datalist["training"]] == ["p1/target.nii.gz", "p2/target.nii.gz"]
+    assert datalist["validation"] == []
+    assert main(["preprocess", str(root), str(out), "--task", "ct-sr"]) == 0  # default 0.2 of 2: one case
+    datalist = json.loads((out / "datalist.json").read_text())
+    assert len(datalist["training"]) == 1 and len(datalist["validation"]) == 1
+    for bad in ("1", "-0.1"):
+        assert main(["preprocess", str(root), str(out), "--task", "ct-sr", "--val-fraction", bad]) == 2
+        assert "validation fraction" in capsys.readouterr().err
+
+
 def test_usage_errors_exit_2(tmp_path, capsys):
     assert main(["preprocess", str(tmp_path / "missing"), str(tmp_path / "o"), "--task", "ct-sr"]) == 2
     assert "missing" in capsys.readouterr().err

@@ -65,7 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--simulate-kernel", action="store_true", help="ct-kernel: simulate a smooth/sharp pair per scan"
     )
-    parser.add_argument("--val-fraction", type=float, default=0.2, help="validation share (default 0.2)")
+    parser.add_argument(
+        "--val-fraction", type=float, default=0.2,
+        help="validation share of the cases, 0 (all train) to below 1 (default 0.2)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of the training/validation split")
     parser.add_argument(
         "--shard", default="0/1", help="make the i-th of n slices of the cases (default: 0/1)"

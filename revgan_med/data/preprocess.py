@@ -269,12 +269,14 @@ def _jobs_from_csv(path: Path) -> list[Job]:
 
 
 def split_cases(names: Sequence[str], *, val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Deterministic (training, validation) split; ≥ 1 validation case once there are ≥ 2 cases.
+    """Deterministic (training, validation) split; with a `val_fraction` above 0, ≥ 1 validation case
+    once there are ≥ 2 cases (0: every case trains).
 
     Cases are ordered by a hash of (seed, name), so a case keeps its side when others are added.
     """
     ordered = sorted(names, key=lambda n: hashlib.sha1(f"{seed}:{n}".encode()).hexdigest())
-    n_val = 0 if len(names) < 2 else min(len(names) - 1, max(1, round(val_fraction * len(names))))
+    wanted = max(1, round(val_fraction * len(names))) if val_fraction > 0 else 0
+    n_val = 0 if len(names) < 2 else min(len(names) - 1, wanted)
     return sorted(ordered[n_val:]), sorted(ordered[:n_val])
 
 
@@ -352,6 +354,8 @@ def preprocess(
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     pairs = Path(pairs_csv) if pairs_csv is not None else None
     f = _check_usage(input_dir, output_dir, task, factors, workers, simulate_kernel, pairs)
+    if not 0 <= val_fraction < 1:
+        raise ConfigError(f"validation fraction {val_fraction:g}: expected 0 (no validation case) to below 1")
     try:
         spec = TaskSpec.create(task, window=window, factors=f)
     except ValueError as exc:
