@@ -299,7 +299,8 @@ def _write_outputs(rows: list[CaseResult], extra: list[CaseResult], output_dir: 
 
 
 def _check_usage(input_dir: Path, output_dir: Path, task: str, factors: Sequence[int], workers: int,
-                 simulate_kernel: bool, pairs_csv: Path | None) -> tuple[int, int, int]:  # fmt: skip
+                 simulate_kernel: bool, pairs_csv: Path | None,
+                 val_fraction: float) -> tuple[int, int, int]:  # fmt: skip
     if task not in TASKS:
         raise ConfigError(f"task {task!r}: expected one of {', '.join(TASKS)}")
     if not input_dir.is_dir():
@@ -315,6 +316,8 @@ def _check_usage(input_dir: Path, output_dir: Path, task: str, factors: Sequence
         raise ConfigError(str(exc)) from None
     if workers < 1:
         raise ConfigError(f"workers {workers}: need at least 1")
+    if not 0 <= val_fraction < 1:
+        raise ConfigError(f"validation fraction {val_fraction:g}: expected 0 (no validation case) to below 1")
     if (simulate_kernel or pairs_csv is not None) and task != "ct-kernel":
         raise ConfigError("--simulate-kernel and --pairs apply to --task ct-kernel only")
     if pairs_csv is not None and not pairs_csv.is_file():
@@ -353,9 +356,7 @@ def preprocess(
 
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     pairs = Path(pairs_csv) if pairs_csv is not None else None
-    f = _check_usage(input_dir, output_dir, task, factors, workers, simulate_kernel, pairs)
-    if not 0 <= val_fraction < 1:
-        raise ConfigError(f"validation fraction {val_fraction:g}: expected 0 (no validation case) to below 1")
+    f = _check_usage(input_dir, output_dir, task, factors, workers, simulate_kernel, pairs, val_fraction)
     try:
         spec = TaskSpec.create(task, window=window, factors=f)
     except ValueError as exc:
