@@ -21,7 +21,7 @@ from revgan_med.errormap import flip_predictions
 from revgan_med.inference import consistency_summary, infer_volume
 from revgan_med.io import VolumeRef, discover_volumes, load_volume, save_dicom_series, save_volume
 from revgan_med.io.checks import check_output_location, require_finite
-from revgan_med.io.dicom import check_new_series_folder
+from revgan_med.io.dicom_writer import check_new_series_folder
 from revgan_med.io.formats import one_line
 from revgan_med.io.volumes import is_nifti
 from revgan_med.sharding import shard_items

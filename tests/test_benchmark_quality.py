@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from quality import (
+    ENSEMBLE,
+    FITTED,
     KERNEL_PAIRS,
     SIGMAS,
     TrainSettings,
@@ -103,19 +105,26 @@ def test_kernel_experiment_toy(phantom_pair, tmp_path: Path) -> None:
     settings = TrainSettings(
         steps=2, lr=0.0, patch=(16, 16, 20), width=4, depth=1, disc_width=4, device="cpu"
     )
-    result = run_kernel(smooth, sharp, affine, settings=settings, workdir=tmp_path, log=lambda m: None)
+    result = run_kernel(smooth, sharp, affine, settings=settings, workdir=tmp_path, log=lambda m: None,
+                        linear_start=True, ensemble=True)  # fmt: skip
     rows = result["rows"]
-    assert [r["direction"] for r in rows] == ["smooth->sharp"] * 3 + ["sharp->smooth"] * 3
-    assert [r["method"].split(" ")[0] for r in rows] == ["nothing", "tuned", "model"] * 2
+    assert [r["direction"] for r in rows] == ["smooth->sharp"] * 6 + ["sharp->smooth"] * 6
+    methods = ["nothing", "tuned", FITTED, FITTED + ENSEMBLE, "model", "model" + ENSEMBLE]
+    assert [r["method"] for r in rows if not r["method"].startswith(("nothing", "tuned"))] == methods[2:] * 2
     test_mask = body_mask(smooth[32:])
     nothing = rows[0]["psnr_body"]
     assert np.isclose(nothing, _psnr(smooth[32:], sharp[32:], -900, 400, test_mask))  # the held-out half
-    for direction in (rows[:3], rows[3:]):
-        assert direction[1]["psnr_body"] > direction[0]["psnr_body"]  # tuned filter beats nothing
-        assert direction[2]["psnr_body"] > direction[0]["psnr_body"] + 3.0  # the fitted model too
+    for direction in (rows[:6], rows[6:]):
+        psnr = [r["psnr_body"] for r in direction]
+        assert psnr[1] > psnr[0]  # tuned filter beats nothing
+        assert psnr[4] > psnr[0] + 3.0  # the fitted model too
+        assert np.isclose(psnr[4], psnr[2]) and np.isclose(psnr[5], psnr[3])  # lr 0: model = its start
         assert all(np.isfinite(r[k]) for r in direction for k in ("psnr_all", "mae_body", "ssim_body"))
     table = format_kernel(result)
-    assert table.count("targets (body)") == 2 and "model" in table
+    # a model equal to its fitted filter cannot beat the best classical filter by anything
+    targets = [line for line in table.splitlines() if "targets (body)" in line]
+    assert len(targets) == 4 and all("fitted linear filter" in t and ": NO)" in t.split("- nothing")[0]
+                                     for t in targets)  # fmt: skip
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from revgan_med.benchmarks.memory import saved_activation_bytes
+from revgan_med.benchmarks._memory_probe import saved_activation_bytes
 from revgan_med.networks import AdditiveCoupling, ReversibleSequence, init_weights
 from revgan_med.networks.generators import Branch
 

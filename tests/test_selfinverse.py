@@ -203,7 +203,7 @@ def test_benchmark_residual_generators_start_as_the_identity(tmp_path, residual:
     from scipy.ndimage import gaussian_filter
     from selfinverse import main
 
-    from revgan_med.io.dicom import save_dicom_series
+    from revgan_med.io.dicom_writer import save_dicom_series
 
     rng = np.random.default_rng(0)
     smooth = -400.0 + 3000.0 * gaussian_filter(rng.standard_normal((48, 80, 8)), 2.0)
