@@ -86,6 +86,9 @@ class TrainConfig:
     checkpoint_every: int = 1000
     log_every: int = 10  # metrics.csv / TensorBoard rows hold the mean losses over this many steps
     linear_fit_batches: int = 32  # paired data: least-squares start of model.linear_kernel's paths
+    # fit those paths mirror-symmetric (and x↔y-symmetric when square in-plane), as reconstruction kernels
+    # are: an unconstrained fit also learns the asymmetries of the training anatomy
+    linear_fit_symmetric: bool = False
     amp: bool = False
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ... (torchrun: a bare cuda means this rank's GPU)

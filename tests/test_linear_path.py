@@ -35,6 +35,43 @@ def test_solve_recovers_a_known_filter_and_bias_from_several_pairs():
     torch.testing.assert_close(path.bias.data, bias, atol=1e-4, rtol=0)
 
 
+def test_symmetric_solve_is_least_squares_over_the_tied_weights():
+    """A 3×3 in-plane filter tied by mirror and x↔y symmetry has three unknowns (centre, the four edge
+    and the four corner neighbours) plus the bias: the same fit as torch.linalg.lstsq on summed columns."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 11, 9, 4)
+    asymmetric = torch.randn(1, 1, 3, 3, 1)
+    target = F.pad(_filtered(x, asymmetric, torch.tensor([0.3])), (0, 0, 1, 1, 1, 1))
+    target[:, :, 1:-1, 1:-1] += 0.1 * torch.randn_like(target[:, :, 1:-1, 1:-1])
+    path = LinearPath(1, 1, (3, 3, 1))
+    path.solve(*path.normal_equations(x, target), symmetric=True)
+    cols = x[:, 0].unfold(1, 3, 1).unfold(2, 3, 1).reshape(-1, 9)  # rows (b, x, y, z), columns 3·dx + dy
+    tied = torch.stack([cols[:, 4], cols[:, [1, 3, 5, 7]].sum(1), cols[:, [0, 2, 6, 8]].sum(1),
+                        torch.ones(len(cols))], 1).double()  # fmt: skip
+    values = target[:, 0, 1:-1, 1:-1].reshape(-1, 1).double()
+    centre, edge, corner, bias = torch.linalg.lstsq(tied, values).solution.flatten().tolist()
+    expected = torch.tensor([[corner, edge, corner], [edge, centre, edge], [corner, edge, corner]])
+    torch.testing.assert_close(path.weight.data[0, 0, :, :, 0], expected.float(), atol=1e-4, rtol=0)
+    assert abs(path.bias.item() - bias) < 1e-4
+
+
+def test_symmetric_solve_regularises_each_weight_like_the_free_solve():
+    """Sharpening a smooth input is ill-conditioned, so the ridge shapes the answer: for a symmetric truth
+    the tied fit must match the free one, not damp the orbits whose weights it sums."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 40, 40, 3)
+    for _ in range(3):
+        x = F.conv3d(x, torch.full((1, 1, 3, 3, 1), 1 / 9), padding=(1, 1, 0))
+    sharpen = torch.zeros(1, 1, 5, 5, 1)
+    sharpen[0, 0, 2, 2], sharpen[0, 0, [1, 3, 2, 2], [2, 2, 1, 3]] = 5.0, -1.0
+    path = LinearPath(1, 1, (5, 5, 1))
+    equations = path.normal_equations(x, F.pad(_filtered(x, sharpen, torch.zeros(1)), (0, 0, 2, 2, 2, 2)))
+    path.solve(*equations)
+    free = path.weight.data.clone()
+    path.solve(*equations, symmetric=True)
+    torch.testing.assert_close(path.weight.data, free, atol=0.02, rtol=0)
+
+
 def test_path_rejects_even_kernels_and_inputs_smaller_than_the_kernel():
     with pytest.raises(ValueError, match="three odd positive"):
         LinearPath(1, 1, (4, 3, 1))
@@ -217,3 +254,19 @@ def test_training_starts_from_the_fit_and_resume_does_not_refit(tmp_path):
                      tmp_path / "zero")  # fmt: skip
     assert load_checkpoint(unfitted)["models"]["generator"]["lin_y.weight"].abs().sum() == 0
 
+
+
+def test_train_fits_symmetric_paths_on_request(tmp_path):
+    datalist = write_kernel_datalist(tmp_path / "data")
+    overrides = ("model.residual=true", "model.linear_kernel=[5,5,1]", "loss.gan=none", "train.lr=0",
+                 "train.linear_fit_batches=2", "train.steps=1")  # fmt: skip
+    fits = {}
+    for symmetric in (False, True):
+        config = tiny_config(datalist, *overrides, f"train.linear_fit_symmetric={str(symmetric).lower()}")
+        fits[symmetric] = load_checkpoint(train(config, tmp_path / str(symmetric)))["models"]["generator"]
+    for key in ("lin_y.weight", "lin_x.weight"):
+        w = fits[True][key][0, 0, :, :, 0]
+        assert w.abs().sum() > 0
+        for image in (w.flip(0), w.flip(1), w.T):  # mirror- and x↔y-symmetric
+            torch.testing.assert_close(image, w, atol=0, rtol=0)
+        assert not torch.equal(fits[False][key][0, 0, :, :, 0].T, fits[False][key][0, 0, :, :, 0])  # free fit

@@ -66,15 +66,36 @@ class LinearPath(nn.Conv3d):
         return gram, cross
 
     @torch.no_grad()
-    def solve(self, gram: Tensor, cross: Tensor, ridge: float = 1e-6) -> None:
+    def solve(self, gram: Tensor, cross: Tensor, ridge: float = 1e-6, *, symmetric: bool = False) -> None:
         """Set weights and bias to the least-squares solution of summed `normal_equations`.
 
-        A small ridge relative to the mean diagonal keeps flat (e.g. all-air) data solvable.
+        A small ridge relative to the mean diagonal keeps flat (e.g. all-air) data solvable. `symmetric`
+        fits the best filter that is mirror-symmetric along each axis and, when its x and y sizes match,
+        unchanged by swapping x and y (as a reconstruction kernel is, in-plane); the weights tied
+        together are solved as one unknown.
         """
         eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
-        solution = torch.linalg.solve(gram + ridge * gram.diagonal().mean() * eye, cross)
+        tie = self._symmetry_ties(gram).to(gram.device) if symmetric else eye
+        # the same ridge on every weight, tied or not (smooth → sharp is a deconvolution: it needs one)
+        penalty = ridge * gram.diagonal().mean() * (tie.T @ tie)
+        solution = tie @ torch.linalg.solve(tie.T @ gram @ tie + penalty, tie.T @ cross)
         self.weight.copy_(solution[:-1].T.reshape(self.weight.shape))
         self.bias.copy_(solution[-1])
+
+    def _symmetry_ties(self, gram: Tensor) -> Tensor:
+        """``(weights + 1, unknowns + 1)`` 0/1 matrix: each weight (the bias last) → its symmetry orbit."""
+        index = torch.arange(self.weight[0].numel()).reshape(self.weight.shape[1:])  # (in, x, y, z)
+        images = []
+        for swap in (False, True) if self.kernel_size[0] == self.kernel_size[1] else (False,):
+            for flips in range(8):
+                t = index.transpose(1, 2) if swap else index
+                images.append(t.flip([1 + a for a in range(3) if flips >> a & 1]).reshape(-1))
+        orbit = torch.stack(images).min(dim=0).values  # each weight's smallest partner under the group
+        _, unknown = torch.unique(orbit, return_inverse=True)
+        tie = torch.zeros(len(gram), int(unknown.max()) + 2, dtype=gram.dtype)
+        tie[torch.arange(len(unknown)), unknown] = 1
+        tie[-1, -1] = 1  # the bias
+        return tie
 
 
 class DomainGate(nn.Module):

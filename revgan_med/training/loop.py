@@ -384,7 +384,7 @@ def _run(config: Config, run_dir: Path, *, resume: bool, context: DistributedCon
     objective.train()
     if not resume and t.linear_fit_batches > 0:
         fit_batches = (_to_device(next(batches), device) for _ in range(t.linear_fit_batches))
-        if objective.fit_linear_paths(fit_batches):
+        if objective.fit_linear_paths(fit_batches, symmetric=t.linear_fit_symmetric):
             broadcast_module(objective, context)  # every rank starts from rank 0's fit
     validate = functools.partial(_validate, validation, objective, state, checkpointer, best, logger=logger,
                                  device=device)  # fmt: skip

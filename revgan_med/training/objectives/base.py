@@ -147,11 +147,13 @@ class Objective(nn.Module):
         """Restore what `extra_state` returned."""
 
     @torch.no_grad()
-    def fit_linear_paths(self, batches: Iterable[dict[str, torch.Tensor]]) -> bool:
+    def fit_linear_paths(
+        self, batches: Iterable[dict[str, torch.Tensor]], *, symmetric: bool = False
+    ) -> bool:
         """Least-squares start of the generator's linear paths (``model.linear_kernel``) from paired batches.
 
         Each path is fitted to what the rest of the generator leaves, ``y − (F(x) − lin_y(x))`` for
-        X → Y and likewise for Y → X.
+        X → Y and likewise for Y → X; `symmetric`: mirror- and x↔y-symmetric filters (`LinearPath.solve`).
         Returns False, consuming nothing, for unpaired or misaligned data or a generator without linear
         paths.
         """
@@ -169,8 +171,8 @@ class Objective(nn.Module):
             sums = [a + b for a, b in zip(sums, equations, strict=True)] if sums else equations
         if not sums:
             raise ValueError("fit_linear_paths: no batches")
-        g.lin_y.solve(*sums[:2])
-        g.lin_x.solve(*sums[2:])
+        g.lin_y.solve(*sums[:2], symmetric=symmetric)
+        g.lin_x.solve(*sums[2:], symmetric=symmetric)
         return True
 
     def _gan(self, role: str, images: torch.Tensor, *, real: bool) -> torch.Tensor:
