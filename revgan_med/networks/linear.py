@@ -75,14 +75,14 @@ class LinearPath(nn.Conv3d):
         together are solved as one unknown.
         """
         eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
-        tie = self._symmetry_ties(gram).to(gram.device) if symmetric else eye
+        tie = self._symmetry_ties().to(gram) if symmetric else eye
         # the same ridge on every weight, tied or not (smooth → sharp is a deconvolution: it needs one)
         penalty = ridge * gram.diagonal().mean() * (tie.T @ tie)
         solution = tie @ torch.linalg.solve(tie.T @ gram @ tie + penalty, tie.T @ cross)
         self.weight.copy_(solution[:-1].T.reshape(self.weight.shape))
         self.bias.copy_(solution[-1])
 
-    def _symmetry_ties(self, gram: Tensor) -> Tensor:
+    def _symmetry_ties(self) -> Tensor:
         """``(weights + 1, unknowns + 1)`` 0/1 matrix: each weight (the bias last) → its symmetry orbit."""
         index = torch.arange(self.weight[0].numel()).reshape(self.weight.shape[1:])  # (in, x, y, z)
         images = []
@@ -92,7 +92,7 @@ class LinearPath(nn.Conv3d):
                 images.append(t.flip([1 + a for a in range(3) if flips >> a & 1]).reshape(-1))
         orbit = torch.stack(images).min(dim=0).values  # each weight's smallest partner under the group
         _, unknown = torch.unique(orbit, return_inverse=True)
-        tie = torch.zeros(len(gram), int(unknown.max()) + 2, dtype=gram.dtype)
+        tie = torch.zeros(len(unknown) + 1, int(unknown.max()) + 2, dtype=torch.float64)
         tie[torch.arange(len(unknown)), unknown] = 1
         tie[-1, -1] = 1  # the bias
         return tie
