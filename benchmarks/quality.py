@@ -79,6 +79,7 @@ from revgan_med.errormap import flip_predictions
 from revgan_med.evaluation import baseline_volume, compute_metrics
 from revgan_med.inference import infer_volume, load_model
 from revgan_med.io import load_volume, save_volume
+from revgan_med.networks.linear import LinearPath
 from revgan_med.tasks import DEFAULT_FACTORS, DEFAULT_WINDOW, UPSAMPLE_MODES, WINDOWS
 from revgan_med.training.loop import train
 
@@ -96,6 +97,7 @@ SR_ALSO_TRAIN = ("ct_chest_dicom_philips/dcm",)
 SR_GAIN_DB = 1.0  # issue 17: model >= tricubic + 1.0 dB
 KERNEL_GAIN_DB, KERNEL_OVER_INPUT_DB = 0.5, 3.0  # issue 17: model >= best classical filter + 0.5 dB
 FITTED, ENSEMBLE = "fitted linear filter (untrained model)", ", flip ensemble"  # kernel method names
+LEAST_SQUARES = "least-squares filter (training half's body)"
 Log = Callable[[str], None]
 
 
@@ -376,6 +378,25 @@ def tune_filters(smooth: np.ndarray, sharp: np.ndarray, mask: np.ndarray) -> dic
     }
 
 
+def least_squares_filter(source: np.ndarray, target: np.ndarray, mask: np.ndarray,
+                         kernel: Sequence[int]) -> Callable[[np.ndarray], np.ndarray]:  # fmt: skip
+    """The least-squares linear filter `kernel` (in-plane) from `source` to `target` over the `mask`
+    voxels, in HU → a function applying it: every linear filter of that size competes, so this is the
+    strongest linear baseline of the tuned ones (the model's own start is fitted on random patches)."""
+    path, unit = LinearPath(1, 1, kernel), 1000.0  # in units of 1000 HU: the ridge is relative to ~1
+
+    def tensor(hu: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(hu, np.float32)[None, None] / unit)
+
+    path.solve(*path.normal_equations(tensor(source), tensor(target), torch.from_numpy(mask[None, None])))
+
+    def apply(hu: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return path(tensor(hu))[0, 0].numpy() * unit
+
+    return apply
+
+
 def split_half(array: np.ndarray, affine: np.ndarray, axis: int) -> tuple[tuple, tuple]:
     """Halve along `axis` → ((first half, affine), (second half, its affine with voxel 0 moved there))."""
     half = array.shape[axis] // 2
@@ -407,7 +428,10 @@ def run_kernel(
         save_volume(
             array, affine, workdir / "scans" / "pair" / f"{role}.nii.gz", description=f"training {role}"
         )
-    filters = tune_filters(*train, body_mask(train[0]))
+    train_body = body_mask(train[0])
+    filters = tune_filters(*train, train_body)
+    kernel = load_config(CONFIGS / "ct_kernel_paired.yaml").model.linear_kernel
+    fits = [least_squares_filter(a, b, train_body, kernel) for a, b in (train, train[::-1])]
     log(f"kernel: tuned on the training half: {filters}")
     log(f"kernel: training {settings.steps} steps ...")
     run = functools.partial(_train, "ct_kernel_paired.yaml", workdir / "scans", task="ct-kernel",
@@ -432,8 +456,8 @@ def run_kernel(
          (f"Gaussian blur (sigma {f_blur['sigma']:g})", blur(test[1], f_blur["sigma"]))),
     ]  # fmt: skip
     rows = []
-    for direction, label, source, reference, (filter_name, filtered) in directions:
-        methods = {"nothing (input)": source, f"tuned {filter_name}": filtered}
+    for (direction, label, source, reference, (name, filtered)), fit in zip(directions, fits, strict=True):
+        methods = {"nothing (input)": source, f"tuned {name}": filtered, LEAST_SQUARES: fit(source)}
         for method, model in models.items():
             start = time.perf_counter()
             options = {"direction": direction, "target_size": target}

@@ -9,7 +9,9 @@ of tensors and plain data (loadable with ``weights_only=True``):
   upsampling, patch); checkpoints written before it existed get it from ``config``
 - ``intensity``: the intensity mapping as plain data (`revgan_med.data.transforms`)
 - ``step``, ``best_metric``
-- ``models``: state dicts by role (``generator``, ``disc_x``, ``disc_y``, ...)
+- ``models``: state dicts by role (``generator``, ``disc_x``, ``disc_y``, ...); with ``train.ema_decay``
+  the generator's is the weight average, and ``training_generator`` / ``ema_updates`` hold the trained
+  weights and the average's count (`revgan_med.training.averaging`)
 - ``optimizers`` / ``schedulers`` / ``scaler`` / ``rng``: everything `--resume` needs
 """
 

@@ -89,6 +89,9 @@ class TrainConfig:
     # fit those paths mirror-symmetric (and x↔y-symmetric when square in-plane), as reconstruction kernels
     # are: an unconstrained fit also learns the asymmetries of the training anatomy
     linear_fit_symmetric: bool = False
+    # > 0: validate, keep as best.pt and infer an exponential moving average of the generator's weights
+    # with this decay (warmed up: min(decay, (1 + n) / (10 + n)) at update n); 0: the trained weights
+    ema_decay: float = 0.0
     amp: bool = False
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ... (torchrun: a bare cuda means this rank's GPU)
@@ -248,6 +251,8 @@ def _check_values(config: Config) -> None:
     if config.loss.lambda_inverse != 1 and config.objective != "paired":
         raise ConfigError(f"config key 'loss.lambda_inverse': only the paired objective weighs its "
                           f"directions, objective is {config.objective!r}")  # fmt: skip
+    if not 0 <= config.train.ema_decay < 1:
+        raise ConfigError(f"config key 'train.ema_decay': {config.train.ema_decay!r} must be in [0, 1)")
     if config.train.lr < 0:  # 0 is allowed: a run that only fits or evaluates
         raise ConfigError(f"config key 'train.lr': {config.train.lr!r} must be >= 0")
     if len(config.train.betas) != 2 or not all(0 <= b < 1 for b in config.train.betas):

@@ -37,7 +37,8 @@ from revgan_med.training.validation import ValidationSet
 
 UNSET_LICENCE = "unspecified: the model's owner fills this in"
 # what only `train --resume` needs: never part of an exported model
-TRAINING_ONLY = ("optimizers", "schedulers", "scaler", "rng", "objective_state", "data_position")
+TRAINING_ONLY = ("optimizers", "schedulers", "scaler", "rng", "objective_state", "data_position",
+                 "training_generator", "ema_updates")
 
 
 def _scanner_info(source: Path) -> dict[str, str]:

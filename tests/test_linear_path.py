@@ -35,6 +35,50 @@ def test_solve_recovers_a_known_filter_and_bias_from_several_pairs():
     torch.testing.assert_close(path.bias.data, bias, atol=1e-4, rtol=0)
 
 
+def test_unclipped_marks_voxels_away_from_clipped_input_and_target():
+    path = LinearPath(1, 1, (3, 3, 1))
+    source, target = torch.zeros(1, 1, 7, 7, 1), torch.zeros(1, 1, 7, 7, 1)
+    source[0, 0, 1, 1, 0] = -1.0  # at the lower bound: clipped
+    target[0, 0, 5, 4, 0] = 1.5  # above the upper bound
+    valid = path.unclipped(source, target, (-1.0, 1.0))[0, 0, :, :, 0]
+    expected = torch.ones(7, 7, dtype=torch.bool)
+    expected[0:3, 0:3] = False  # every voxel with the clipped input voxel in its 3×3 neighbourhood
+    expected[5, 4] = False
+    assert torch.equal(valid, expected)
+
+
+def test_paired_fit_leaves_clipped_voxels_out():
+    """y is a known 3×3 filter of x, then clipped to [-1, 1] as a CT window clips: fitting all voxels
+    bends the filter towards the clipped ones; leaving them out recovers it exactly."""
+    torch.manual_seed(0)
+    weight = torch.tensor([[0.0, -0.5, 0.0], [-0.5, 3.0, -0.5], [0.0, -0.5, 0.0]]).reshape(1, 1, 3, 3, 1)
+    x = torch.rand(4, 1, 16, 16, 2) * 0.7 - 0.35
+    x[:, :, :4] = -1.0  # a clipped "air" band in the input
+    y = F.pad(_filtered(x, weight, torch.zeros(1)), (0, 0, 1, 1, 1, 1)).clamp(-1.0, 1.0)
+    fits = {}
+    for clip in (None, (-1.0, 1.0)):
+        gen = build_generator("srcnn3d", in_channels=1, out_channels=1, width=4, depth=1, residual=True,
+                              linear_kernel=[3, 3, 1])  # fmt: skip
+        objective = build_objective("paired", generator=gen, discriminators={}, loss=LossConfig(gan="none"))
+        assert objective.fit_linear_paths(iter([{"image": x, "target": y}]), clip=clip)
+        fits[clip] = gen.lin_y.weight.data  # residual generator: the path fits y − x
+    identity = torch.zeros(1, 1, 3, 3, 1)
+    identity[0, 0, 1, 1, 0] = 1.0
+    torch.testing.assert_close(fits[(-1.0, 1.0)] + identity, weight, atol=1e-4, rtol=0)
+    assert (fits[None] + identity - weight).abs().max() > 0.05
+
+
+def test_a_path_whose_fit_voxels_are_all_clipped_stays_zero():
+    gen = build_generator("srcnn3d", in_channels=1, out_channels=1, width=4, depth=1, residual=True,
+                          linear_kernel=[3, 3, 1])  # fmt: skip
+    objective = build_objective("paired", generator=gen, discriminators={}, loss=LossConfig(gan="none"))
+    x = torch.rand(1, 1, 8, 8, 2) * 0.5
+    with pytest.warns(UserWarning, match="every fit voxel is clipped") as caught:  # target all at the bound
+        assert objective.fit_linear_paths(iter([{"image": x, "target": torch.ones_like(x)}]), clip=(-1, 1))
+    assert {str(w.message).split(":")[0] for w in caught} == {"linear path X → Y", "linear path Y → X"}
+    assert gen.lin_x.weight.abs().sum() == 0 and gen.lin_y.weight.abs().sum() == 0
+
+
 def test_symmetric_solve_is_least_squares_over_the_tied_weights():
     """A 3×3 in-plane filter tied by mirror and x↔y symmetry has three unknowns (centre, the four edge
     and the four corner neighbours) plus the bias: the same fit as torch.linalg.lstsq on summed columns."""

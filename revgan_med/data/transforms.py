@@ -31,6 +31,7 @@ class CTWindow:
     """
 
     kind = "ct-window"
+    clipped_bounds = (-1.0, 1.0)  # normalised values here may have been clipped (`LinearPath.unclipped`)
 
     def __init__(self, lo: float, hi: float) -> None:
         self.lo, self.hi = parse_window([lo, hi])
@@ -62,6 +63,7 @@ class DTIScale:
     """
 
     kind = "dti-scale"
+    clipped_bounds = None  # nothing is clipped
 
     def __init__(self, percentile: float = 99.5, scales: Sequence[float] | None = None) -> None:
         if not 0.0 < percentile <= 100.0:

@@ -37,22 +37,24 @@ class LinearPath(nn.Conv3d):
 
     @torch.no_grad()
     def normal_equations(
-        self, source: Tensor, target: Tensor, chunk: int = 1 << 16
+        self, source: Tensor, target: Tensor, valid: Tensor | None = None, chunk: int = 1 << 16
     ) -> tuple[Tensor, Tensor]:
         """``(AᵀA, AᵀT)`` in float64 for inputs ``(B, in_channels, …)`` and targets ``(B, out_channels, …)``.
 
         A's rows are each voxel's neighbourhood (in the weights' order) and a 1, T's rows its target; sums
         over pairs are the normal equations of all of them. Only voxels whose whole neighbourhood lies
-        inside the input count (padded borders of small patches would bias the fit). Built a few slices
-        at a time to bound memory.
+        inside the input count (padded borders of small patches would bias the fit), and of those only
+        the ones `valid` (``(B, 1, …)`` bool, target-shaped) marks, when given. Built a few slices at a
+        time to bound memory.
         """
         (kd, kh, kw), (pd, ph, pw) = self.kernel_size, self.padding
         if any(n < k for n, k in zip(source.shape[2:], self.kernel_size, strict=True)):
             raise ValueError(
                 f"linear path {list(self.kernel_size)}: input {list(source.shape[2:])} is smaller than it"
             )
-        target = target[:, :, pd : target.shape[2] - pd, ph : target.shape[3] - ph, pw : target.shape[4] - pw]
-        target = target.movedim(1, -1)
+        interior = (..., *(slice(p, n - p) for p, n in zip((pd, ph, pw), target.shape[2:], strict=True)))
+        target = target[interior].movedim(1, -1)
+        rows = None if valid is None else valid[interior].movedim(1, -1)
         depth = target.shape[1]
         step = max(1, chunk // target.shape[2:4].numel())
         gram = cross = 0
@@ -61,9 +63,24 @@ class LinearPath(nn.Conv3d):
             cols = source[:, :, start : stop + kd - 1].unfold(2, kd, 1).unfold(3, kh, 1).unfold(4, kw, 1)
             cols = cols.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(-1, self.weight[0].numel()).double()
             a = torch.cat([cols, cols.new_ones(cols.shape[0], 1)], dim=1)
-            gram = gram + a.T @ a
-            cross = cross + a.T @ target[:, start:stop].reshape(-1, self.out_channels).double()
+            weighted = a if rows is None else a * rows[:, start:stop].reshape(-1, 1)
+            gram = gram + weighted.T @ a
+            cross = cross + weighted.T @ target[:, start:stop].reshape(-1, self.out_channels).double()
         return gram, cross
+
+    def unclipped(self, source: Tensor, target: Tensor, bounds: tuple[float, float]) -> Tensor:
+        """``(B, 1, …)`` bool: voxels whose target and whole input neighbourhood lie strictly inside
+        `bounds`. A window clips at its edges (air below −1024 HU, noise of a sharp kernel there), and
+        clipped values are no linear function of their neighbours; in the Philips chest pair 23 % of the
+        smooth → sharp equations are, and fitting them costs the held-out filter 1–3 dB."""
+        lo, hi = bounds
+
+        def clipped(v: Tensor) -> Tensor:
+            return ((v <= lo) | (v >= hi)).any(dim=1, keepdim=True)
+
+        pad = [k // 2 for k in self.kernel_size]
+        near = F.max_pool3d(clipped(source).float(), self.kernel_size, stride=1, padding=pad) > 0
+        return ~(near | clipped(target))
 
     @torch.no_grad()
     def solve(self, gram: Tensor, cross: Tensor, ridge: float = 1e-6, *, symmetric: bool = False) -> None:

@@ -35,6 +35,7 @@ from revgan_med.networks import build_discriminator
 from revgan_med.runtime import amp_dtype as runtime_amp_dtype
 from revgan_med.runtime import autocast, needs_grad_scaler
 from revgan_med.tasks import TASK_CHANNELS, TaskSpec, training_spec
+from revgan_med.training.averaging import WeightAverage, training_weights
 from revgan_med.training.distributed import (
     DistributedContext,
     ResumableDistributedSampler,
@@ -241,9 +242,26 @@ class _Checkpointer:
     ) -> None:
         self.config, self.spec, self.objective, self.intensity = config, spec, objective, intensity
         self.optimizers, self.schedulers, self.scaler = optimizers, schedulers, scaler
+        self.average: WeightAverage | None = None  # train.ema_decay > 0: `start_average`
+        self._saved_average: tuple[dict, int] | None = None  # a resumed run's average and its count
+
+    def start_average(self, decay: float) -> None:
+        """Average the generator's weights from now on (or continue the resumed run's average)."""
+        self.average = WeightAverage(self.objective.generator, decay)
+        if self._saved_average is not None:
+            self.average.restore(*self._saved_average)
+
+    def generator(self) -> torch.nn.Module:
+        """The generator that is validated and saved for inference: the average when there is one."""
+        return self.average.module if self.average is not None else self.objective.generator
 
     def payload(self, state: TrainState) -> dict[str, Any]:
         require_finite_weights(self.objective.modules_by_role(), state.step)
+        models = {role: m.state_dict() for role, m in self.objective.modules_by_role().items()}
+        averaged = {}
+        if self.average is not None:
+            models["generator"] = self.average.module.state_dict()
+            averaged = self.average.checkpoint_fields(self.objective.generator)
         return {
             "config": self.config.to_dict(),
             "spec": self.spec.to_dict(),
@@ -253,7 +271,8 @@ class _Checkpointer:
             "step": state.step,
             "best_metric": {"name": "psnr_margin", "value": state.best_margin},
             "data_position": {"epoch": state.epoch, "batches_in_epoch": state.batches_in_epoch},
-            "models": {role: m.state_dict() for role, m in self.objective.modules_by_role().items()},
+            "models": models,
+            **averaged,
             "objective_state": self.objective.extra_state(),
             "optimizers": {role: opt.state_dict() for role, opt in self.optimizers.items()},
             "schedulers": {role: s.state_dict() for role, s in self.schedulers.items()},
@@ -266,7 +285,9 @@ class _Checkpointer:
         # copies weights and optimiser state onto the modules' device
         payload = load_checkpoint(path, map_location="cpu")
         for role, module in self.objective.modules_by_role().items():
-            module.load_state_dict(payload["models"][role])
+            module.load_state_dict(training_weights(payload, role))
+        if "ema_updates" in payload:
+            self._saved_average = (payload["models"]["generator"], payload["ema_updates"])
         for role, optimizer in self.optimizers.items():
             optimizer.load_state_dict(payload["optimizers"][role])
         for role, scheduler in self.schedulers.items():
@@ -347,7 +368,7 @@ def _validate(
     best: Path, *, logger: RunLogger, device: torch.device,
 ) -> dict[str, float]:  # fmt: skip
     """Validate, keep the model with the largest PSNR margin over the baseline as `best`; → ``val_*``."""
-    metrics = validation.evaluate(objective.generator, device=device, logger=logger, step=state.step)
+    metrics = validation.evaluate(checkpointer.generator(), device=device, logger=logger, step=state.step)
     objective.train()
     if metrics["psnr_margin"] > state.best_margin:
         state.best_margin = metrics["psnr_margin"]
@@ -384,8 +405,13 @@ def _run(config: Config, run_dir: Path, *, resume: bool, context: DistributedCon
     objective.train()
     if not resume and t.linear_fit_batches > 0:
         fit_batches = (_to_device(next(batches), device) for _ in range(t.linear_fit_batches))
-        if objective.fit_linear_paths(fit_batches, symmetric=t.linear_fit_symmetric):
+        fitted = objective.fit_linear_paths(
+            fit_batches, symmetric=t.linear_fit_symmetric, clip=intensity.clipped_bounds
+        )
+        if fitted:
             broadcast_module(objective, context)  # every rank starts from rank 0's fit
+    if t.ema_decay > 0:  # from the fitted start, identical on every rank
+        checkpointer.start_average(t.ema_decay)
     validate = functools.partial(_validate, validation, objective, state, checkpointer, best, logger=logger,
                                  device=device)  # fmt: skip
     if validation is not None and not resume:  # the untrained model (= its baseline) is the first best.pt
@@ -401,6 +427,8 @@ def _run(config: Config, run_dir: Path, *, resume: bool, context: DistributedCon
             logger.close()  # ends the progress bar's line before the message
             raise
         losses["lr"] = optimizers["generator"].param_groups[0]["lr"]  # the rate this step used
+        if checkpointer.average is not None:
+            checkpointer.average.update(objective.generator)
         for scheduler in schedulers.values():
             scheduler.step()
         state.step += 1

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from revgan_med.config import config_from_dict
+from revgan_med.data.transforms import CTWindow
 from revgan_med.training.distributed import init_distributed
 from revgan_med.training.loop import build_optimisers, build_training_objective, train_step
 
@@ -92,7 +93,8 @@ def fit(
     start = time.perf_counter()
     if linear_fit_batches:
         extra = range(steps, steps + linear_fit_batches)
-        objective.fit_linear_paths({k: v.to(device) for k, v in batches(i).items()} for i in extra)
+        fit_batches = ({k: v.to(device) for k, v in batches(i).items()} for i in extra)
+        objective.fit_linear_paths(fit_batches, clip=CTWindow.clipped_bounds)  # windowed CT, as in `train`
     for step in range(steps):
         batch = {k: v.to(device) for k, v in batches(step).items()}
         losses = train_step(

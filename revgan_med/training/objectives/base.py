@@ -21,6 +21,7 @@ Adam optimiser and schedule and is saved in checkpoints, without changes to the 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -148,12 +149,15 @@ class Objective(nn.Module):
 
     @torch.no_grad()
     def fit_linear_paths(
-        self, batches: Iterable[dict[str, torch.Tensor]], *, symmetric: bool = False
-    ) -> bool:
+        self, batches: Iterable[dict[str, torch.Tensor]], *, symmetric: bool = False,
+        clip: tuple[float, float] | None = None,
+    ) -> bool:  # fmt: skip
         """Least-squares start of the generator's linear paths (``model.linear_kernel``) from paired batches.
 
         Each path is fitted to what the rest of the generator leaves, ``y − (F(x) − lin_y(x))`` for
-        X → Y and likewise for Y → X; `symmetric`: mirror- and x↔y-symmetric filters (`LinearPath.solve`).
+        X → Y and likewise for Y → X; `symmetric`: mirror- and x↔y-symmetric filters (`LinearPath.solve`);
+        `clip`: the normalised bounds where the intensity mapping clips, whose voxels are left out
+        (`LinearPath.unclipped`).
         Returns False, consuming nothing, for unpaired or misaligned data or a generator without linear
         paths.
         """
@@ -165,14 +169,19 @@ class Objective(nn.Module):
         for batch in batches:
             equations = []
             for path, inverse, source, target in directions:
-                v = batch[source]
+                v, t = batch[source], batch[target]
                 rest = (g.inverse if inverse else g.forward)(v) - g.linear_part(v, inverse=inverse)
-                equations.extend(path.normal_equations(v, batch[target] - rest))
+                valid = None if clip is None else path.unclipped(v, t, clip)
+                equations.extend(path.normal_equations(v, t - rest, valid))
             sums = [a + b for a, b in zip(sums, equations, strict=True)] if sums else equations
         if not sums:
             raise ValueError("fit_linear_paths: no batches")
-        g.lin_y.solve(*sums[:2], symmetric=symmetric)
-        g.lin_x.solve(*sums[2:], symmetric=symmetric)
+        for path, name, (gram, cross) in ((g.lin_y, "X → Y", sums[:2]), (g.lin_x, "Y → X", sums[2:])):
+            if gram[-1, -1] > 0:  # the bias column counts the equations
+                path.solve(gram, cross, symmetric=symmetric)
+            else:
+                message = f"linear path {name}: every fit voxel is clipped by the window; it stays zero"
+                warnings.warn(message, stacklevel=2)
         return True
 
     def _gan(self, role: str, images: torch.Tensor, *, real: bool) -> torch.Tensor:

@@ -47,12 +47,15 @@ class SelfInverseObjective(Objective):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.steps_done = int(state["steps_done"])
 
-    def fit_linear_paths(self, batches: Iterable[dict[str, Tensor]], *, symmetric: bool = False) -> bool:
+    def fit_linear_paths(
+        self, batches: Iterable[dict[str, Tensor]], *, symmetric: bool = False,
+        clip: tuple[float, float] | None = None,
+    ) -> bool:  # fmt: skip
         """The paths' least-squares start (`Objective.fit_linear_paths`) and, from the same batches, the
         domain gate: sources are domain X, targets domain Y."""
         domain = self.generator.domain
         if domain is None:
-            return super().fit_linear_paths(batches, symmetric=symmetric)
+            return super().fit_linear_paths(batches, symmetric=symmetric, clip=clip)
         seen: dict[str, list[Tensor]] = {"image": [], "target": []}
 
         def recorded() -> Iterator[dict[str, Tensor]]:
@@ -61,7 +64,7 @@ class SelfInverseObjective(Objective):
                     features.append(domain.features(batch[key]))
                 yield batch
 
-        fitted = super().fit_linear_paths(recorded(), symmetric=symmetric)
+        fitted = super().fit_linear_paths(recorded(), symmetric=symmetric, clip=clip)
         domain.fit(torch.cat(seen["image"]), torch.cat(seen["target"]))
         return fitted
 
