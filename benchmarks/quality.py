@@ -80,13 +80,14 @@ from revgan_med.evaluation import baseline_volume, compute_metrics
 from revgan_med.inference import infer_volume, load_model
 from revgan_med.io import load_volume, save_volume
 from revgan_med.networks.linear import LinearPath
-from revgan_med.tasks import DEFAULT_FACTORS, DEFAULT_WINDOW, UPSAMPLE_MODES, WINDOWS
+from revgan_med.tasks import DEFAULT_FACTORS, DEFAULT_WINDOW, METRIC_WINDOWS, UPSAMPLE_MODES, WINDOWS
 from revgan_med.training.loop import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FACTORS = DEFAULT_FACTORS
 SR_WINDOW = WINDOWS[DEFAULT_WINDOW]
-KERNEL_WINDOW = WINDOWS["nlst"]
+KERNEL_WINDOW = WINDOWS[METRIC_WINDOWS["ct-kernel"]]  # the window validation and `evaluate` score kernels in
+KERNEL_CONFIG = "ct_kernel_paired.yaml"  # the packaged kernel config the experiment trains
 # filter grids; a sharp kernel is close to a high-gain Laplacian (small sigma, large amount)
 SIGMAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.5, 3.0)  # in-plane, voxels
 AMOUNTS = tuple(0.25 * 2 ** (k / 2) for k in range(17))  # unsharp-mask gain 0.25 … 64
@@ -237,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(format_sr(results["sr"]), flush=True)
         if args.experiment in ("kernel", "all"):
             patch = tuple(int(v) for v in args.kernel_patch.split(","))
-            shipped = load_config(CONFIGS / "ct_kernel_paired.yaml")
+            shipped = load_config(CONFIGS / KERNEL_CONFIG)
             settings = TrainSettings(
                 steps=args.kernel_steps, lr=shipped.train.lr if args.kernel_lr is None else args.kernel_lr,
                 generator=args.kernel_generator or shipped.model.generator,
@@ -430,11 +431,13 @@ def run_kernel(
         )
     train_body = body_mask(train[0])
     filters = tune_filters(*train, train_body)
-    kernel = load_config(CONFIGS / "ct_kernel_paired.yaml").model.linear_kernel
+    # the linear paths' size of the run (overrides included), or the shipped one for a run without them
+    kernel = (load_config(CONFIGS / KERNEL_CONFIG, list(extra)).model.linear_kernel
+              or load_config(CONFIGS / KERNEL_CONFIG).model.linear_kernel)  # fmt: skip
     fits = [least_squares_filter(a, b, train_body, kernel) for a, b in (train, train[::-1])]
     log(f"kernel: tuned on the training half: {filters}")
     log(f"kernel: training {settings.steps} steps ...")
-    run = functools.partial(_train, "ct_kernel_paired.yaml", workdir / "scans", task="ct-kernel",
+    run = functools.partial(_train, KERNEL_CONFIG, workdir / "scans", task="ct-kernel",
                             window="ct-full", extra=["loss.gan=none", *extra])  # fmt: skip
     checkpoint, seconds = run(workdir, settings=settings)
     models = {"model": load_model(checkpoint, device=settings.device)}
