@@ -74,7 +74,7 @@ from revgan_med.benchmarks import write_json
 from revgan_med.config import load_config
 from revgan_med.data.degradation import thick_slice
 from revgan_med.data.preprocess import preprocess
-from revgan_med.data.sampling import ct_foreground
+from revgan_med.data.sampling import ct_body
 from revgan_med.errormap import flip_predictions
 from revgan_med.evaluation import baseline_volume, compute_metrics
 from revgan_med.inference import infer_volume, load_model
@@ -340,15 +340,6 @@ def run_sr(
             "train_shapes": {name: list(hu.shape) for name, (hu, _) in train_scans.items()}}  # fmt: skip
 
 
-def body_mask(hu: np.ndarray) -> np.ndarray:
-    """The body: > −500 HU, largest connected component, holes filled per axial slice (lungs inside)."""
-    labels, count = ndimage.label(ct_foreground(hu))
-    if count == 0:
-        return np.ones(hu.shape, bool)
-    body = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
-    return np.stack([ndimage.binary_fill_holes(body[..., z]) for z in range(hu.shape[2])], axis=-1)
-
-
 def blur(hu: np.ndarray, sigma: float) -> np.ndarray:
     """In-plane Gaussian blur (a reconstruction kernel acts within each slice)."""
     return ndimage.gaussian_filter(hu.astype("float32"), (sigma, sigma, 0.0))
@@ -429,7 +420,7 @@ def run_kernel(
         save_volume(
             array, affine, workdir / "scans" / "pair" / f"{role}.nii.gz", description=f"training {role}"
         )
-    train_body = body_mask(train[0])
+    train_body = ct_body(train[0])
     filters = tune_filters(*train, train_body)
     # the linear paths' size of the run (overrides included), or the shipped one for a run without them
     kernel = (load_config(CONFIGS / KERNEL_CONFIG, list(extra)).model.linear_kernel
@@ -449,7 +440,7 @@ def run_kernel(
     if tiling == "thesis":  # centre halves of training-patch windows; a patch side as long as the test: whole
         patch = models["model"].patch_size
         target = tuple(c if n <= c else c // 2 for c, n in zip(patch, test[0].shape, strict=True))
-    mask = body_mask(test[0])
+    mask = ct_body(test[0])
     f_unsharp, f_blur = filters["unsharp"], filters["blur"]
     directions = [
         ("forward", f"{names[0]}->{names[1]}", test[0], test[1],

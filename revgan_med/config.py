@@ -60,6 +60,9 @@ class LossConfig:
     # paired: the pixel criterion, l1 (thesis) or mse, which PSNR measures (its optimum is the mean of
     # what the input leaves open, L1's the median)
     pixel: str = field(default="l1", metadata=_choices("l1", "mse"))
+    # paired: where the pixel term and the linear paths' least-squares start count, every voxel of the
+    # patch or only the target's anatomy (CT: > -500 HU, largest part, lungs filled; dMRI: brain mask)
+    region: str = field(default="all", metadata=_choices("all", "body"))
     # paired: weight of the Y → X terms (L1, GAN) against X → Y; 0 trains X → Y only and skips computing
     # Y → X, which halves a step (super-resolution users need thick → thin alone)
     lambda_inverse: float = 1.0
@@ -248,6 +251,9 @@ def _check_values(config: Config) -> None:
     if config.loss.pixel != "l1" and config.objective != "paired":
         raise ConfigError(f"config key 'loss.pixel': only the paired objective has a choice of pixel "
                           f"criterion, objective is {config.objective!r}")  # fmt: skip
+    if config.loss.region != "all" and config.objective != "paired":
+        raise ConfigError(f"config key 'loss.region': only the paired objective trains on a region, "
+                          f"objective is {config.objective!r}")  # fmt: skip
     if config.loss.lambda_inverse != 1 and config.objective != "paired":
         raise ConfigError(f"config key 'loss.lambda_inverse': only the paired objective weighs its "
                           f"directions, objective is {config.objective!r}")  # fmt: skip

@@ -16,7 +16,6 @@ from quality import (
     SIGMAS,
     TrainSettings,
     blur,
-    body_mask,
     format_kernel,
     format_sr,
     least_squares_filter,
@@ -31,6 +30,7 @@ from quality import (
 from scipy import ndimage
 
 from revgan_med.data.phantom import make_phantom
+from revgan_med.data.sampling import ct_body
 
 
 def _psnr(pred: np.ndarray, ref: np.ndarray, lo: float, hi: float, mask: np.ndarray) -> float:
@@ -70,18 +70,12 @@ def test_phantom_pair_halves_along_z(shared_data: Path) -> None:
     assert not np.array_equal(smooth, sharp)  # two kernels, one grid
 
 
-def test_filters_and_body_mask() -> None:
+def test_filters() -> None:
     ramp = np.zeros((9, 9, 3), np.float32)
     ramp[4, 4, 1] = 100.0
     assert np.isclose(blur(ramp, 1.0)[..., 1].sum(), 100.0)  # in-plane blur keeps the slice's mass
     assert np.array_equal(blur(ramp, 1.0)[..., 0], ramp[..., 0])  # and does not mix slices
     assert np.allclose(unsharp(ramp, 1.0, 0.0), ramp)
-    body = np.full((20, 20, 2), -1000.0, np.float32)
-    body[4:16, 4:16] = 40.0
-    body[7:13, 7:13] = -850.0  # a lung inside the body, a separate blob outside
-    body[0:2, 0:2] = 40.0
-    mask = body_mask(body)
-    assert mask[4:16, 4:16].all() and mask.sum() == 12 * 12 * 2
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +87,7 @@ def phantom_pair() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def test_tuned_filters_beat_doing_nothing_on_the_phantom_pair(phantom_pair) -> None:
     smooth, sharp, _ = phantom_pair
-    mask = body_mask(smooth)
+    mask = ct_body(smooth)
     tuned = tune_filters(smooth, sharp, mask)
     assert tuned["unsharp"]["psnr"] > _psnr(smooth, sharp, -900, 400, mask) + 0.5
     assert tuned["blur"]["psnr"] > _psnr(sharp, smooth, -900, 400, mask) + 0.5
@@ -114,7 +108,7 @@ def test_kernel_experiment_toy(phantom_pair, tmp_path: Path) -> None:
     assert [r["direction"] for r in rows] == ["smooth->sharp"] * 7 + ["sharp->smooth"] * 7
     methods = ["nothing", "tuned", LEAST_SQUARES, FITTED, FITTED + ENSEMBLE, "model", "model" + ENSEMBLE]
     assert [r["method"] for r in rows if not r["method"].startswith(("nothing", "tuned"))] == methods[2:] * 2
-    test_mask = body_mask(smooth[32:])
+    test_mask = ct_body(smooth[32:])
     nothing = rows[0]["psnr_body"]
     assert np.isclose(nothing, _psnr(smooth[32:], sharp[32:], -900, 400, test_mask))  # the held-out half
     for direction in (rows[:7], rows[7:]):

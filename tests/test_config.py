@@ -95,6 +95,8 @@ def test_values_no_run_can_use_are_refused_naming_the_key(override, key):
         (["objective=unpaired", "loss.lambda_inverse=0"], r"'loss\.lambda_inverse'.*'unpaired'"),
         (["objective=reggan", "loss.pixel=mse"], r"'loss\.pixel'.*'reggan'"),
         (["loss.pixel=l2"], r"'loss\.pixel'.*not one of l1, mse"),
+        (["objective=unpaired", "loss.region=body"], r"'loss\.region'.*'unpaired'"),
+        (["loss.region=lungs"], r"'loss\.region'.*not one of all, body"),
     ],
 )
 def test_settings_the_objective_or_task_cannot_honour_are_refused(overrides, message):

@@ -11,6 +11,7 @@ from revgan_med.config import LossConfig, config_from_dict, load_config
 from revgan_med.training.distributed import DistributedContext
 from revgan_med.training.loop import build_training_objective, update
 from revgan_med.training.objectives import OBJECTIVES, ImagePool, gan_loss
+from revgan_med.training.objectives.base import masked_pixel_loss
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CPU = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -174,6 +175,33 @@ def test_paired_mse_pixel_term_is_lambda_times_the_mean_squared_error():
     assert set(losses) == {"g_loss", "mse_xy", "mse_yx"}
     assert losses["mse_xy"] == pytest.approx(100 * sq_xy, rel=1e-5)
     assert losses["mse_yx"] == pytest.approx(100 * sq_yx, rel=1e-5)
+
+
+def test_masked_pixel_loss_by_hand():
+    prediction = torch.tensor([1.0, -2.0, 3.0, 4.0]).reshape(1, 1, 2, 2, 1)
+    target = torch.zeros_like(prediction)
+    mask = torch.tensor([True, True, False, False]).reshape(1, 1, 2, 2, 1)
+    assert masked_pixel_loss(prediction, target, mask=mask).item() == pytest.approx(1.5)  # (1 + 2) / 2
+    assert masked_pixel_loss(prediction, target, kind="mse", mask=mask).item() == pytest.approx(2.5)
+    assert masked_pixel_loss(prediction, target).item() == pytest.approx(2.5)  # no mask: every voxel
+    two = torch.cat([prediction, 2 * prediction], 1)  # one mask for every channel: (1 + 2 + 2 + 4) / 4
+    assert masked_pixel_loss(two, torch.zeros_like(two), mask=mask).item() == pytest.approx(2.25)
+    assert masked_pixel_loss(prediction, target, mask=torch.zeros_like(mask)).item() == 0.0
+
+
+def test_paired_pixel_terms_count_only_the_batch_body():
+    """Errors outside the body change nothing: the loss equals the unmasked one of the body voxels."""
+    obj, kwargs = _objective("paired", "none", "rev_srcnn3d")
+    batch = _batch()
+    body = torch.zeros_like(batch["image"], dtype=torch.bool)
+    body[..., : body.shape[-1] // 2] = True
+    with torch.no_grad():
+        inside = body.expand_as(batch["image"])
+        l1_xy = (obj.generator(batch["image"]) - batch["target"])[inside].abs().mean().item()
+        l1_yx = (obj.generator.inverse(batch["target"]) - batch["image"])[inside].abs().mean().item()
+    losses = update(obj, "generator", {**batch, "body": body}, **kwargs)
+    assert losses["l1_xy"] == pytest.approx(100 * l1_xy, rel=1e-5)
+    assert losses["l1_yx"] == pytest.approx(100 * l1_yx, rel=1e-5)
 
 
 def test_shipped_sr_config_leaves_the_inverse_the_identity_so_it_is_block_averaging():

@@ -8,7 +8,7 @@ import torch
 
 from revgan_med.data.datasets import PatchDataset, load_case, load_datalist
 from revgan_med.data.degradation import thick_slice
-from revgan_med.data.sampling import crop, pad_to_size, sample_origin
+from revgan_med.data.sampling import crop, ct_body, pad_to_size, sample_origin
 from revgan_med.data.transforms import CTWindow
 from revgan_med.io import save_volume
 
@@ -84,6 +84,40 @@ def test_foreground_poor_patches_are_skipped(tmp_path):
     threshold = CTWindow(*WINDOW).normalize(np.float32([-500.0]))[0]
     for idx in range(len(ds)):
         assert (ds[idx]["target"] > threshold).float().mean() >= 0.5
+
+
+def test_ct_body_fills_the_lungs_and_drops_what_lies_outside():
+    hu = np.full((20, 20, 2), -1000.0, np.float32)
+    hu[4:16, 4:16] = 40.0
+    hu[7:13, 7:13] = -850.0  # a lung inside the body
+    hu[0:2, 0:2] = 40.0  # a couch: a separate, smaller part
+    body = ct_body(hu)
+    assert body[4:16, 4:16].all() and body.sum() == 12 * 12 * 2
+    assert ct_body(np.full((4, 4, 2), -1000.0)).all()  # no tissue at all: nothing is left out
+
+
+def test_body_patches_mark_the_target_patch_anatomy(tmp_path):
+    """The lung of the target is in the body, the air around it is not; patches crop the same place."""
+    hu = np.full((24, 24, 24), -1000.0, np.float32)
+    hu[4:20, 4:20, :] = 40.0
+    hu[9:15, 9:15, :] = -850.0
+    folder = tmp_path / "case"
+    folder.mkdir()
+    for name in ("image", "target"):
+        save_volume(hu, np.eye(4), folder / f"{name}.nii.gz")
+    case = {"image": str(folder / "image.nii.gz"), "target": str(folder / "target.nii.gz")}
+    ds = _dataset([case], task="ct-kernel", factors=(1, 1, 1), body=True, samples_per_volume=8)
+    above_air, lung = CTWindow(*WINDOW).normalize(np.float32([-900.0, -850.0]))
+    lungs = 0
+    for index in range(len(ds)):
+        item = ds[index]
+        assert item["body"].dtype == torch.bool and item["body"].shape == (1, 8, 8, 8)
+        assert torch.equal(item["body"], item["target"] > above_air)
+        lungs += int(torch.isclose(item["target"], torch.tensor(lung)).sum())
+    assert lungs > 0  # the patches did reach the lung
+    assert "body" not in _dataset([case], task="ct-kernel", factors=(1, 1, 1))[0]
+    with pytest.raises(ValueError, match="paired"):
+        _dataset([case], task="ct-kernel", factors=(1, 1, 1), body=True, paired=False)
 
 
 def test_streams_are_deterministic_per_seed_epoch_and_index(tmp_path):

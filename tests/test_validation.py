@@ -15,6 +15,7 @@ from _training_data import tiny_config, write_kernel_datalist, write_sr_datalist
 from revgan_med.checkpoints import build_generator_from_config, load_checkpoint
 from revgan_med.cli import main
 from revgan_med.data.degradation import upsample_to_hr
+from revgan_med.data.sampling import ct_body
 from revgan_med.data.transforms import CTWindow
 from revgan_med.io import load_volume
 from revgan_med.tasks import WINDOWS
@@ -23,9 +24,10 @@ from revgan_med.training.loop import train
 from revgan_med.training.validation import ValidationSet, margin_report
 
 
-def _psnr(prediction: np.ndarray, reference: np.ndarray, window: tuple[float, float]) -> float:
+def _psnr(prediction: np.ndarray, reference: np.ndarray, window: tuple[float, float], mask=None) -> float:
     lo, hi = window
-    mse = np.mean((np.clip(prediction, lo, hi) - np.clip(reference, lo, hi)).astype(np.float64) ** 2)
+    error = np.clip(prediction, lo, hi) - np.clip(reference, lo, hi)
+    mse = np.mean((error if mask is None else error[mask]).astype(np.float64) ** 2)
     return float(10 * np.log10((hi - lo) ** 2 / mse))
 
 
@@ -34,10 +36,13 @@ def _rows(run: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def test_kernel_baseline_is_the_linear_filter_scored_in_the_nlst_window(tmp_path):
+@pytest.mark.parametrize("region", ["all", "body"])
+def test_kernel_baseline_is_the_linear_filter_scored_in_the_nlst_window(tmp_path, region):
+    """And only inside the target's body when training there (``loss.region: body``)."""
     datalist = write_kernel_datalist(tmp_path, cases=2)
     config = tiny_config(
-        datalist, "data.window=ct-full", "model.residual=true", "model.linear_kernel=[3,3,1]"
+        datalist, "data.window=ct-full", "model.residual=true", "model.linear_kernel=[3,3,1]",
+        f"loss.region={region}",
     )
     generator = build_generator_from_config(config)
     with torch.no_grad():  # a hand-set filter: output = input + 0.5·input + 10 HU (in ct-full units)
@@ -48,7 +53,9 @@ def test_kernel_baseline_is_the_linear_filter_scored_in_the_nlst_window(tmp_path
     smooth, sharp = (load_volume(tmp_path / "case1" / f"{n}.nii.gz")[0] for n in ("smooth", "sharp"))
     # +0.5 in normalised units is x + 0.5 · (x − window centre) in HU; the bias adds 20 / 4095 · 4095 / 2
     filtered = 1.5 * np.clip(smooth, -1024, 3071) - 0.25 * (-1024 + 3071) + 10.0
-    expected = _psnr(filtered, sharp, WINDOWS["nlst"])
+    body = ct_body(sharp) if region == "body" else None
+    assert body is None or 0.05 < body.mean() < 0.95
+    expected = _psnr(filtered, sharp, WINDOWS["nlst"], body)
     metrics = validation.evaluate(generator, device=torch.device("cpu"))
     assert metrics["baseline_psnr"] == pytest.approx(expected, abs=1e-3)
     assert metrics["psnr_margin"] == pytest.approx(metrics["psnr"] - metrics["baseline_psnr"])

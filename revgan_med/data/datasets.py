@@ -18,7 +18,7 @@ from monai.transforms import Transform
 from torch.utils.data import Dataset
 
 from revgan_med.data.degradation import input_support, upsample_to_hr
-from revgan_med.data.sampling import crop, ct_foreground, pad_to_size, sample_origin
+from revgan_med.data.sampling import crop, ct_body, ct_foreground, pad_to_size, sample_origin
 from revgan_med.data.transforms import (
     CTWindow,
     DTIScale,
@@ -72,12 +72,14 @@ def load_case(
     intensity_or_window: IntensityOrWindow,
     factors: Sequence[int],
     upsample: str,
+    body: bool = False,
 ) -> dict[str, Any]:
     """One datalist item → normalised input on the target grid and target, both (C, X, Y, Z) float32.
 
     Returns ``image``, ``target``, ``affine`` (the target grid), ``mask`` (evaluation/foreground
-    mask of the target: body > −500 HU for CT, the brain mask for dMRI), ``image_mask`` (the same
-    for the input), ``mapping`` (fitted for dMRI: scales of this input) and ``name``.
+    mask of the target: > −500 HU for CT, the brain mask for dMRI), ``image_mask`` (the same
+    for the input), ``mapping`` (fitted for dMRI: scales of this input) and ``name``; with `body`
+    also ``body``, the target's anatomy (`ct_body` for CT: lungs in, couch out; the brain mask for dMRI).
     """
     image, image_affine = load_volume(case["image"])
     target, affine = load_volume(case["target"])
@@ -97,6 +99,7 @@ def load_case(
             mapping = mapping.fit(image, brain)  # inside the input's brain: what inference can do too
     else:
         mask, image_mask = ct_foreground(target), ct_foreground(image)
+    extra = {"body": ct_body(target) if task != "dmri-sr" else mask} if body else {}
     return {
         "image": _channel_first(mapping.normalize(image)),
         "target": _channel_first(mapping.normalize(target)),
@@ -105,6 +108,7 @@ def load_case(
         "image_mask": image_mask,
         "mapping": mapping,
         "name": case.get("name") or Path(case["target"]).parent.name,
+        **extra,
     }
 
 
@@ -121,8 +125,10 @@ class _LoadPadded(Transform):
         c = load_case(case, **self.load_kwargs)
         mapping = c["mapping"]
         value = float(mapping.normalize(np.float32([-1000.0]))[0]) if isinstance(mapping, CTWindow) else 0.0
-        for key, pad_value in (("image", value), ("target", value), ("mask", False), ("image_mask", False)):
-            c[key] = pad_to_size(c[key], self.patch_size, value=pad_value)
+        for key, pad_value in (("image", value), ("target", value), ("mask", False), ("image_mask", False),
+                               ("body", False)):  # fmt: skip
+            if key in c:
+                c[key] = pad_to_size(c[key], self.patch_size, value=pad_value)
         return c
 
 
@@ -142,7 +148,8 @@ class PatchDataset(Dataset):
     drawn with a generator seeded by (seed, epoch, i): call `set_epoch` each epoch for fresh but
     reproducible (resumable, shardable) streams. Patches with less than `foreground_fraction`
     foreground are skipped. `paired=False` draws the target from an independent random case and
-    location (CycleGAN-style unpaired sampling).
+    location (CycleGAN-style unpaired sampling). `body` (paired only) adds ``"body"``, (1, D, H, W) bool:
+    the target patch's anatomy (`load_case`), where ``loss.region: body`` trains.
     """
 
     def __init__(
@@ -157,6 +164,7 @@ class PatchDataset(Dataset):
         factors: Sequence[int],
         upsample: str,
         paired: bool = True,
+        body: bool = False,
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
@@ -171,11 +179,13 @@ class PatchDataset(Dataset):
         self.patch_size = tuple(int(p) for p in patch_size)
         self.samples_per_volume = int(samples_per_volume)
         self.foreground_fraction = float(foreground_fraction)
+        if body and not paired:
+            raise ValueError("PatchDataset: a body mask needs paired patches")
         self.paired, self.seed = paired, int(seed)
         # shared memory: persistent loader workers see `set_epoch` without being re-forked
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         load = _LoadPadded(self.patch_size, task=task, intensity_or_window=intensity_or_window,
-                           factors=factors, upsample=upsample)  # fmt: skip
+                           factors=factors, upsample=upsample, body=body)  # fmt: skip
         self.cases = CacheDataset(
             list(cases), transform=load, num_workers=num_workers or None, progress=False, copy_cache=False
         )
@@ -203,14 +213,14 @@ class PatchDataset(Dataset):
             raise IndexError(f"PatchDataset index {index} out of range (len {len(self)})")
         rng = np.random.default_rng([self.seed, self.epoch, index])
         case = self.cases[index // self.samples_per_volume]
+        patches = {}
         if self.paired:
-            target, origin = self._patch(case, "target", "mask", rng)
-            image = crop(case["image"], origin, self.patch_size)
+            patches["target"], origin = self._patch(case, "target", "mask", rng)
+            patches["image"] = crop(case["image"], origin, self.patch_size)
+            if "body" in case:
+                patches["body"] = crop(case["body"], origin, self.patch_size)[None]
         else:
-            image, _ = self._patch(case, "image", "image_mask", rng)
+            patches["image"], _ = self._patch(case, "image", "image_mask", rng)
             other = self.cases[int(rng.integers(len(self.cases)))]
-            target, _ = self._patch(other, "target", "mask", rng)
-        return {
-            "image": torch.from_numpy(np.ascontiguousarray(image)),
-            "target": torch.from_numpy(np.ascontiguousarray(target)),
-        }
+            patches["target"], _ = self._patch(other, "target", "mask", rng)
+        return {key: torch.from_numpy(np.ascontiguousarray(patch)) for key, patch in patches.items()}

@@ -10,13 +10,28 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from scipy import ndimage
 
 CT_FOREGROUND_HU = -500.0  # body mask threshold for CT
 
 
 def ct_foreground(hu: np.ndarray) -> np.ndarray:
-    """Body mask of a CT volume in HU: voxels above −500 HU."""
+    """Tissue of a CT volume in HU: voxels above −500 HU (patch sampling's foreground; see `ct_body`)."""
     return np.asarray(hu) > CT_FOREGROUND_HU
+
+
+def ct_body(hu: np.ndarray) -> np.ndarray:
+    """The body of a CT volume (X, Y, Z) in HU: the largest connected part above −500 HU with its holes
+    filled per axial slice, so the lungs are in and the couch and air are out (all True if none).
+
+    Scipy rather than MONAI's KeepLargestConnectedComponent + FillHoles: those fill in 3D, where the
+    lungs reach the volume's top or bottom slice and stay open.
+    """
+    labels, count = ndimage.label(ct_foreground(hu))
+    if count == 0:
+        return np.ones(np.shape(hu), bool)
+    body = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    return np.stack([ndimage.binary_fill_holes(body[..., z]) for z in range(body.shape[2])], axis=-1)
 
 
 def pad_to_size(array: np.ndarray, size: Sequence[int], *, value: float = 0.0) -> np.ndarray:

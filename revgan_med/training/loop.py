@@ -176,7 +176,7 @@ def _batches(
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
     """The images of a loader batch on `device` (metadata dropped)."""
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in ("image", "target")}
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in ("image", "target", "body")}
 
 
 def _loader(dataset: Dataset, config: Config, context: DistributedContext) -> tuple[DataLoader, Any]:
@@ -216,6 +216,7 @@ def _training_dataset(config: Config, intensity: Any, context: DistributedContex
         factors=data.factors,
         upsample=data.upsample,
         paired=OBJECTIVES.get(config.objective).paired_data,
+        body=config.loss.region == "body",
         seed=config.train.seed + 7919 * context.rank,  # ranks sharing a case draw other patches
         num_workers=data.num_workers,
     )

@@ -6,8 +6,8 @@ validation predicts every volume with `revgan_med.tiling.sliding_window_predict`
 windows `revgan-med infer` uses — maps prediction and target back to HU (or the dMRI scanner units)
 and reports the mean MAE / PSNR / SSIM over the cases (`revgan_med.evaluation.compute_metrics`):
 for CT inside the task's metric window (`revgan_med.tasks.METRIC_WINDOWS`, else the training window),
-with the window width as data range (thesis ``000_*`` §5.4–5.5); for dMRI inside the brain mask,
-with the target's range there.
+with the window width as data range (thesis ``000_*`` §5.4–5.5), inside the body when training
+there (``loss.region: body``); for dMRI inside the brain mask, with the target's range there.
 
 The baseline is what one would do without the model: tricubic upsampling for super-resolution, the
 generator's least-squares fitted linear filter (scored once, as fitted before training) or else the
@@ -106,7 +106,7 @@ class ValidationSet:
 
         def load(item: dict, upsample: str) -> dict[str, Any]:
             return load_case(item, task=config.task, intensity_or_window=intensity, factors=data.factors,
-                             upsample=upsample)  # fmt: skip
+                             upsample=upsample, body=config.loss.region == "body")  # fmt: skip
 
         cases = [load(item, data.upsample) for item in items]
         baseline = baseline_name(config.task, config.model.linear_kernel)
@@ -140,7 +140,7 @@ class ValidationSet:
         if isinstance(mapping, CTWindow):  # denormalize clips to the training window
             lo, hi = self.metric_window or (mapping.lo, mapping.hi)
             pred, ref = (np.clip(mapping.denormalize(v)[0], lo, hi) for v in (prediction, case["target"]))
-            return compute_metrics(pred, ref, data_range=hi - lo)
+            return compute_metrics(pred, ref, data_range=hi - lo, mask=case.get("body"))
         pred = mapping.denormalize(prediction, channel_axis=0)
         ref = mapping.denormalize(case["target"], channel_axis=0)
         inside = ref[:, case["mask"]]

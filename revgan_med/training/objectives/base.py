@@ -21,6 +21,7 @@ Adam optimiser and schedule and is saved in checkpoints, without changes to the 
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -157,7 +158,7 @@ class Objective(nn.Module):
         Each path is fitted to what the rest of the generator leaves, ``y − (F(x) − lin_y(x))`` for
         X → Y and likewise for Y → X; `symmetric`: mirror- and x↔y-symmetric filters (`LinearPath.solve`);
         `clip`: the normalised bounds where the intensity mapping clips, whose voxels are left out
-        (`LinearPath.unclipped`).
+        (`LinearPath.unclipped`); a batch's ``body`` mask (``loss.region: body``) keeps only its voxels.
         Returns False, consuming nothing, for unpaired or misaligned data or a generator without linear
         paths.
         """
@@ -172,6 +173,8 @@ class Objective(nn.Module):
                 v, t = batch[source], batch[target]
                 rest = (g.inverse if inverse else g.forward)(v) - g.linear_part(v, inverse=inverse)
                 valid = None if clip is None else path.unclipped(v, t, clip)
+                if "body" in batch:
+                    valid = batch["body"] if valid is None else valid & batch["body"]
                 equations.extend(path.normal_equations(v, t - rest, valid))
             sums = [a + b for a, b in zip(sums, equations, strict=True)] if sums else equations
         if not sums:
@@ -197,6 +200,19 @@ class Objective(nn.Module):
         raise NotImplementedError
 
 
+def masked_pixel_loss(
+    prediction: torch.Tensor, target: torch.Tensor, *, kind: str = "l1", mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean absolute (``l1``) or squared (``mse``) error, over the voxels `mask` (``(B, 1, …)`` bool)
+    marks, in every channel, when given (0 where it marks none); in float32, as F.l1_loss under autocast."""
+    if mask is None:
+        return (F.mse_loss if kind == "mse" else F.l1_loss)(prediction, target)
+    difference = prediction.float() - target.float()
+    error = difference**2 if kind == "mse" else difference.abs()
+    weight = mask.to(error.dtype).expand_as(error)
+    return (error * weight).sum() / weight.sum().clamp(min=1)
+
+
 def _total(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     total = torch.stack([value.float() for value in losses.values()]).sum()
     return {"loss": total, **{name: value.detach() for name, value in losses.items()}}
@@ -209,7 +225,8 @@ class PairedObjective(Objective):
     λ is ``loss.lambda_l1`` (100); D_Y sees (x, y or F(x)), D_X sees (y, x or G(y)). With
     ``loss.gan: none`` only the L1 terms remain (the "w/o L_GAN" rows of thesis Table 4). ``loss.pixel:
     mse`` puts the squared error in place of L1 (losses named ``mse_xy`` / ``mse_yx``). The Y → X terms
-    are weighted by ``loss.lambda_inverse`` (1); at 0 they, and D_X, are not computed at all.
+    are weighted by ``loss.lambda_inverse`` (1); at 0 they, and D_X, are not computed at all. A batch
+    ``body`` mask (``loss.region: body``) restricts the pixel terms to its voxels (their mean there).
     """
 
     conditional = True
@@ -217,7 +234,7 @@ class PairedObjective(Objective):
     def generator_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         x, y = batch["image"], batch["target"]
         pixel = self.loss.pixel
-        criterion = F.mse_loss if pixel == "mse" else F.l1_loss
+        criterion = functools.partial(masked_pixel_loss, kind=pixel, mask=batch.get("body"))
         fake_y = self.generator(x)
         losses = {f"{pixel}_xy": self.loss.lambda_l1 * criterion(fake_y, y)}
         if self.discriminators:
