@@ -60,8 +60,8 @@ class LossConfig:
     # paired: the pixel criterion, l1 (thesis) or mse, which PSNR measures (its optimum is the mean of
     # what the input leaves open, L1's the median)
     pixel: str = field(default="l1", metadata=_choices("l1", "mse"))
-    # paired: where the pixel term and the linear paths' least-squares start count, every voxel of the
-    # patch or only the target's anatomy (CT: > -500 HU, largest part, lungs filled; dMRI: brain mask)
+    # paired: where the pixel term, the linear paths' least-squares start and the CT validation metrics
+    # count, every voxel or only the target's anatomy (CT: `ct_body`, lungs in, couch out; dMRI: brain mask)
     region: str = field(default="all", metadata=_choices("all", "body"))
     # paired: weight of the Y → X terms (L1, GAN) against X → Y; 0 trains X → Y only and skips computing
     # Y → X, which halves a step (super-resolution users need thick → thin alone)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-CT_FOREGROUND_HU = -500.0  # body mask threshold for CT
+CT_FOREGROUND_HU = -500.0  # tissue threshold for CT (air and lung are below)
 
 
 def ct_foreground(hu: np.ndarray) -> np.ndarray:
