@@ -226,6 +226,7 @@ _AT_LEAST = {
     "infer.target_size": 1, "infer.batch_size": 1, "infer.context_size": 1,
 }  # fmt: skip
 _TRIPLES = ("data.patch_size", "data.factors")
+_PAIRED_ONLY_LOSS_KEYS = ("pixel", "region", "lambda_inverse")  # no other objective reads these
 
 
 def _check_values(config: Config) -> None:
@@ -248,15 +249,10 @@ def _check_values(config: Config) -> None:
                           "must lie in [0, 1]")  # fmt: skip
     if config.loss.lambda_inverse < 0:
         raise ConfigError(f"config key 'loss.lambda_inverse': {config.loss.lambda_inverse!r} must be >= 0")
-    if config.loss.pixel != "l1" and config.objective != "paired":
-        raise ConfigError(f"config key 'loss.pixel': only the paired objective has a choice of pixel "
-                          f"criterion, objective is {config.objective!r}")  # fmt: skip
-    if config.loss.region != "all" and config.objective != "paired":
-        raise ConfigError(f"config key 'loss.region': only the paired objective trains on a region, "
-                          f"objective is {config.objective!r}")  # fmt: skip
-    if config.loss.lambda_inverse != 1 and config.objective != "paired":
-        raise ConfigError(f"config key 'loss.lambda_inverse': only the paired objective weighs its "
-                          f"directions, objective is {config.objective!r}")  # fmt: skip
+    for key in _PAIRED_ONLY_LOSS_KEYS:  # away from their defaults only where the paired objective uses them
+        if getattr(config.loss, key) != getattr(LossConfig, key) and config.objective != "paired":
+            raise ConfigError(f"config key 'loss.{key}': only the paired objective uses it, objective is "
+                              f"{config.objective!r}")  # fmt: skip
     if not 0 <= config.train.ema_decay < 1:
         raise ConfigError(f"config key 'train.ema_decay': {config.train.ema_decay!r} must be in [0, 1)")
     if config.train.lr < 0:  # 0 is allowed: a run that only fits or evaluates

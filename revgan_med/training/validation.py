@@ -104,11 +104,11 @@ class ValidationSet:
             )
             return None
 
-        def load(item: dict, upsample: str) -> dict[str, Any]:
+        def load(item: dict, upsample: str, body: bool = False) -> dict[str, Any]:
             return load_case(item, task=config.task, intensity_or_window=intensity, factors=data.factors,
-                             upsample=upsample, body=config.loss.region == "body")  # fmt: skip
+                             upsample=upsample, body=body)  # fmt: skip
 
-        cases = [load(item, data.upsample) for item in items]
+        cases = [load(item, data.upsample, config.loss.region == "body") for item in items]
         baseline = baseline_name(config.task, config.model.linear_kernel)
         if baseline == "tricubic":
             for case, item in zip(cases, items, strict=True):

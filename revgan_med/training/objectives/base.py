@@ -183,7 +183,8 @@ class Objective(nn.Module):
             if gram[-1, -1] > 0:  # the bias column counts the equations
                 path.solve(gram, cross, symmetric=symmetric)
             else:
-                message = f"linear path {name}: every fit voxel is clipped by the window; it stays zero"
+                message = (f"linear path {name}: every fit voxel is clipped by the window or outside "
+                           "the body; it stays zero")
                 warnings.warn(message, stacklevel=2)
         return True
 
