@@ -16,6 +16,7 @@ from quality import (
     SIGMAS,
     TrainSettings,
     blur,
+    by_structure,
     format_kernel,
     format_sr,
     least_squares_filter,
@@ -24,6 +25,7 @@ from quality import (
     run_sr,
     split_half,
     split_slab,
+    structure_deciles,
     tune_filters,
     unsharp,
 )
@@ -117,13 +119,41 @@ def test_kernel_experiment_toy(phantom_pair, tmp_path: Path) -> None:
         assert psnr[2] > psnr[0] + 3.0 and psnr[5] > psnr[0] + 3.0  # the least-squares filter and the model
         assert np.isclose(psnr[5], psnr[3]) and np.isclose(psnr[6], psnr[4])  # lr 0: model = its start
         assert all(np.isfinite(r[k]) for r in direction for k in ("psnr_all", "mae_body", "ssim_body"))
+    assert all(len(r["rmse_deciles"]) == 10 and np.isfinite(r["psnr_flat_floor"]) for r in rows)
     table = format_kernel(result)
+    assert len(table.split("strongest edges")[1].splitlines()) == 2 + len(rows)  # header lines + a row each
     # a model equal to its fitted filter cannot beat the best classical filter by 0.5 dB
     targets = [line for line in table.splitlines() if "targets (body)" in line]
     assert len(targets) == 4
     for line in targets:
         best = line.split("- nothing")[0]
         assert ": NO)" in best and ("fitted linear filter" in best or "least-squares filter" in best)
+
+
+def test_structure_deciles_rank_by_edges_and_the_floor_is_the_flattest_error() -> None:
+    rng = np.random.default_rng(0)
+    source = ndimage.gaussian_filter(rng.normal(0, 1, (40, 40, 3)), (2, 2, 0)) * 3000
+    mask = np.zeros(source.shape, bool)
+    mask[4:36, 4:36] = True
+    deciles = structure_deciles(source, mask)
+    assert (deciles[~mask] == -1).all()
+    counts = np.bincount(deciles[mask], minlength=10)
+    assert counts.max() - counts.min() <= 1  # deciles: a tenth of the mask each
+    # central differences, independent of the Gaussian derivative: the top decile's edges are far steeper
+    gx, gy = np.gradient(source, axis=0), np.gradient(source, axis=1)
+    steep = np.hypot(gx, gy)
+    assert steep[deciles == 9].mean() > 3 * steep[deciles == 0].mean()
+    reference = np.zeros(source.shape, np.float32)  # inside the nlst window: nothing clipped
+    prediction = reference + np.where(deciles >= 0, deciles + 1.0, 0.0)  # errors 1 … 10 HU by decile
+    result = by_structure(prediction, reference, deciles)
+    np.testing.assert_allclose(result["rmse_deciles"], np.arange(1, 11), rtol=1e-12)
+    assert np.isclose(result["psnr_flat_floor"], 20 * np.log10(1300.0))  # every decile at 1 HU
+    flat = np.zeros(source.shape)  # a plateau: every tie in the flattest decile, the others empty
+    ties = structure_deciles(flat, mask)
+    assert (ties[mask] == 0).all()
+    one = by_structure(reference + 2.0, reference, ties)
+    assert one["rmse_deciles"][0] == 2.0 and np.isnan(one["rmse_deciles"][1:]).all()
+    assert np.isclose(one["psnr_flat_floor"], 20 * np.log10(1300.0 / 2.0))
 
 
 def test_least_squares_filter_recovers_a_known_kernel_inside_the_mask() -> None:
