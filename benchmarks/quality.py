@@ -375,8 +375,9 @@ def tune_filters(smooth: np.ndarray, sharp: np.ndarray, mask: np.ndarray) -> dic
 def least_squares_filter(source: np.ndarray, target: np.ndarray, mask: np.ndarray,
                          kernel: Sequence[int]) -> Callable[[np.ndarray], np.ndarray]:  # fmt: skip
     """The least-squares linear filter `kernel` (in-plane) from `source` to `target` over the `mask`
-    voxels, in HU → a function applying it: every linear filter of that size competes, so this is the
-    strongest linear baseline of the tuned ones (the model's own start is fitted on random patches)."""
+    voxels, in HU → a function applying it: every linear filter of that size competes over the body (the
+    model's own start, fitted on random patches in its window without the clipped voxels, can score
+    higher: the table keeps both)."""
     path, unit = LinearPath(1, 1, kernel), 1000.0  # in units of 1000 HU (the fit itself is scale-free)
 
     def tensor(hu: np.ndarray) -> torch.Tensor:
