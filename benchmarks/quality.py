@@ -565,7 +565,7 @@ def format_kernel(result: dict[str, Any], title: str = "") -> str:
         "floor: body PSNR were every decile as good as the flattest",
         f"{'direction':<10}{'method':<54}" + "".join(f"{d:>7}" for d in range(10)) + f"{'floor':>8}",
     ]
-    for r in (r for r in result["rows"] if "rmse_deciles" in r):
+    for r in result["rows"]:
         deciles = "".join(f"{v:>7.2f}" for v in r["rmse_deciles"])
         lines.append(f"{r['direction']:<10}{r['method']:<54}{deciles}{r['psnr_flat_floor']:>8.2f}")
     return "\n".join(lines)

@@ -98,7 +98,7 @@ class LinearPath(nn.Conv3d):
         count, sums = gram[-1, -1], gram[:-1, -1:]  # the bias column counts the equations, sums the values
         centred = gram[:-1, :-1] - sums @ sums.T / count
         centred_cross = cross[:-1] - sums @ cross[-1:] / count
-        tie = self._symmetry_ties().to(gram)[:-1, :-1] if symmetric else torch.eye(len(centred)).to(gram)
+        tie = self._symmetry_ties().to(gram) if symmetric else torch.eye(len(centred)).to(gram)
         scale = centred.diagonal().mean()
         weights = torch.zeros_like(centred_cross)
         # flat data leaves only rounding in the centred sums (~1e-14 of the raw ones): no filter to fit
@@ -109,7 +109,7 @@ class LinearPath(nn.Conv3d):
         self.bias.copy_(((cross[-1:] - sums.T @ weights) / count)[0])
 
     def _symmetry_ties(self) -> Tensor:
-        """``(weights + 1, unknowns + 1)`` 0/1 matrix: each weight (the bias last) → its symmetry orbit."""
+        """``(weights, unknowns)`` 0/1 matrix: each weight → its symmetry orbit."""
         index = torch.arange(self.weight[0].numel()).reshape(self.weight.shape[1:])  # (in, x, y, z)
         images = []
         for swap in (False, True) if self.kernel_size[0] == self.kernel_size[1] else (False,):
@@ -118,9 +118,8 @@ class LinearPath(nn.Conv3d):
                 images.append(t.flip([1 + a for a in range(3) if flips >> a & 1]).reshape(-1))
         orbit = torch.stack(images).min(dim=0).values  # each weight's smallest partner under the group
         _, unknown = torch.unique(orbit, return_inverse=True)
-        tie = torch.zeros(len(unknown) + 1, int(unknown.max()) + 2, dtype=torch.float64)
+        tie = torch.zeros(len(unknown), int(unknown.max()) + 1, dtype=torch.float64)
         tie[torch.arange(len(unknown)), unknown] = 1
-        tie[-1, -1] = 1  # the bias
         return tie
 
 
