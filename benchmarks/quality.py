@@ -101,6 +101,7 @@ SR_GAIN_DB = 1.0  # issue 17: model >= tricubic + 1.0 dB
 KERNEL_GAIN_DB, KERNEL_OVER_INPUT_DB = 0.5, 3.0  # issue 17: model >= best classical filter + 0.5 dB
 FITTED, ENSEMBLE = "fitted linear filter (untrained model)", ", flip ensemble"  # kernel method names
 LEAST_SQUARES = "least-squares filter (training half's body)"
+MODELS = {"model (best.pt)": "best.pt", "model (last.pt)": "last.pt"}  # kernel: the chosen and the last step
 Log = Callable[[str], None]
 
 
@@ -433,15 +434,16 @@ def run_kernel(
     log(f"kernel: training {settings.steps} steps ...")
     run = functools.partial(_train, KERNEL_CONFIG, workdir / "scans", task="ct-kernel",
                             window="ct-full", extra=["loss.gan=none", *extra])  # fmt: skip
-    checkpoint, seconds = run(workdir, settings=settings)
-    models = {"model": load_model(checkpoint, device=settings.device)}
+    last, seconds = run(workdir, settings=settings)
+    # best.pt (largest validation margin, on the automatically held-out slices) is what users run
+    models = {name: load_model(last.with_name(file), device=settings.device) for name, file in MODELS.items()}
     if linear_start:  # same seed, same fit batches, lr 0: the model as fitted before its first step
         start_checkpoint, _ = run(workdir / "linear", settings=replace(settings, steps=1, lr=0.0))
         start_model = load_model(start_checkpoint, device=settings.device)
         models = {FITTED: start_model, **models}
     target = None  # default: the windows of `revgan-med infer` (as large as fit, receptive radius margin)
     if tiling == "thesis":  # centre halves of training-patch windows; a patch side as long as the test: whole
-        patch = models["model"].patch_size
+        patch = models[next(iter(MODELS))].patch_size
         target = tuple(c if n <= c else c // 2 for c, n in zip(patch, test[0].shape, strict=True))
     mask = ct_body(test[0])
     f_unsharp, f_blur = filters["unsharp"], filters["blur"]

@@ -33,7 +33,7 @@ from revgan_med.data.transforms import intensity_from_dict
 from revgan_med.errormap import calibration, transformed_outputs, tta_transforms
 from revgan_med.io.atomic import atomic_path, atomic_write_text
 from revgan_med.tasks import TASK_CHANNELS
-from revgan_med.training.validation import ValidationSet
+from revgan_med.training.validation import METRICS, ValidationSet
 
 UNSET_LICENCE = "unspecified: the model's owner fills this in"
 # what only `train --resume` needs: never part of an exported model
@@ -117,14 +117,12 @@ def validation_summary(payload: dict[str, Any]) -> dict[str, Any]:
         return {"note": "no validation cases (none in the training datalist, or not readable at export)"}
     generator, _ = generator_from_checkpoint(payload)
     scores = cases.evaluate(generator, device=torch.device("cpu"))
-    summary: dict[str, Any] = {
-        "cases": len(cases.cases),
-        "model": {k: v for k, v in scores.items() if not k.startswith(("baseline_", "psnr_margin"))},
-        f"baseline: {cases.baseline}": {
-            k.removeprefix("baseline_"): v for k, v in scores.items() if k.startswith("baseline_")
-        },
-        "psnr_margin_db": scores["psnr_margin"],
-    }
+    summary: dict[str, Any] = {"cases": len(cases.cases)}
+    for direction in cases.directions:  # a kernel model: X → Y and Y → X (``inverse``)
+        prefix, name = ("", "") if direction == "forward" else ("inverse_", f" ({direction})")
+        summary[f"model{name}"] = {k: scores[f"{prefix}{k}"] for k in METRICS}
+        summary[f"baseline{name}: {cases.baseline}"] = {k: scores[f"{prefix}baseline_{k}"] for k in METRICS}
+    summary["psnr_margin_db"] = scores["psnr_margin"]  # the mean over the directions, as best.pt is chosen
     if TASK_CHANNELS[config.task] == 1:
         summary["error_map_calibration"] = _calibration(cases, generator, config)
     return summary

@@ -107,24 +107,25 @@ def test_kernel_experiment_toy(phantom_pair, tmp_path: Path) -> None:
     result = run_kernel(smooth, sharp, affine, settings=settings, workdir=tmp_path, log=lambda m: None,
                         linear_start=True, ensemble=True)  # fmt: skip
     rows = result["rows"]
-    assert [r["direction"] for r in rows] == ["smooth->sharp"] * 7 + ["sharp->smooth"] * 7
-    methods = ["nothing", "tuned", LEAST_SQUARES, FITTED, FITTED + ENSEMBLE, "model", "model" + ENSEMBLE]
+    assert [r["direction"] for r in rows] == ["smooth->sharp"] * 9 + ["sharp->smooth"] * 9
+    models = [m + e for m in ("model (best.pt)", "model (last.pt)") for e in ("", ENSEMBLE)]
+    methods = ["nothing", "tuned", LEAST_SQUARES, FITTED, FITTED + ENSEMBLE, *models]
     assert [r["method"] for r in rows if not r["method"].startswith(("nothing", "tuned"))] == methods[2:] * 2
     test_mask = ct_body(smooth[32:])
     nothing = rows[0]["psnr_body"]
     assert np.isclose(nothing, _psnr(smooth[32:], sharp[32:], -900, 400, test_mask))  # the held-out half
-    for direction in (rows[:7], rows[7:]):
+    for direction in (rows[:9], rows[9:]):
         psnr = [r["psnr_body"] for r in direction]
         assert psnr[1] > psnr[0]  # tuned filter beats nothing
         assert psnr[2] > psnr[0] + 3.0 and psnr[5] > psnr[0] + 3.0  # the least-squares filter and the model
-        assert np.isclose(psnr[5], psnr[3]) and np.isclose(psnr[6], psnr[4])  # lr 0: model = its start
+        assert np.allclose(psnr[5::2], psnr[3]) and np.allclose(psnr[6::2], psnr[4])  # lr 0: models = start
         assert all(np.isfinite(r[k]) for r in direction for k in ("psnr_all", "mae_body", "ssim_body"))
     assert all(len(r["rmse_deciles"]) == 10 and np.isfinite(r["psnr_flat_floor"]) for r in rows)
     table = format_kernel(result)
     assert len(table.split("strongest edges")[1].splitlines()) == 2 + len(rows)  # header lines + a row each
     # a model equal to its fitted filter cannot beat the best classical filter by 0.5 dB
     targets = [line for line in table.splitlines() if "targets (body)" in line]
-    assert len(targets) == 4
+    assert len(targets) == 8  # best.pt and last.pt, each alone and as an ensemble, both directions
     for line in targets:
         best = line.split("- nothing")[0]
         assert ": NO)" in best and ("fitted linear filter" in best or "least-squares filter" in best)

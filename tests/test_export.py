@@ -53,11 +53,14 @@ def test_model_file_is_small_runs_like_the_checkpoint_and_is_refused_by_resume(
     assert card["training_data"]["cases"] == 1 and card["training_data"]["voxel_spacings_mm"] == [
         [1.5, 1.5, 2.0]
     ]
-    baseline = "baseline: identity (the input)"  # a kernel model without linear paths
-    assert set(card["validation"]) == {"cases", "model", baseline, "psnr_margin_db", "error_map_calibration"}
+    baseline, back = "baseline: identity (the input)", "baseline (inverse): identity (the input)"  # no paths
+    assert set(card["validation"]) == {
+        "cases", "model", baseline, "model (inverse)", back, "psnr_margin_db", "error_map_calibration"
+    }  # fmt: skip
     validation = card["validation"]
-    margin = validation["model"]["psnr"] - validation[baseline]["psnr"]
-    assert validation["psnr_margin_db"] == pytest.approx(margin)
+    pairs = (("model", baseline), ("model (inverse)", back))
+    margins = [validation[model]["psnr"] - validation[base]["psnr"] for model, base in pairs]
+    assert validation["psnr_margin_db"] == pytest.approx(sum(margins) / 2)  # both directions count alike
     assert set(card["validation"]["error_map_calibration"]) == {"top_mae", "rest_mae", "ratio", "spearman"}
     assert card["versions"]["torch"] == torch.__version__
     assert (tmp_path / "kernel.card.md").read_text().startswith("# Model card")

@@ -19,7 +19,7 @@ from revgan_med.data.sampling import ct_body
 from revgan_med.data.transforms import CTWindow
 from revgan_med.io import load_volume
 from revgan_med.tasks import WINDOWS
-from revgan_med.training.holdout import holdout_config
+from revgan_med.training.holdout import _holdout_axis, holdout_config
 from revgan_med.training.loop import train
 from revgan_med.training.validation import ValidationSet, margin_report
 
@@ -58,7 +58,11 @@ def test_kernel_baseline_is_the_linear_filter_scored_in_the_nlst_window(tmp_path
     expected = _psnr(filtered, sharp, WINDOWS["nlst"], body)
     metrics = validation.evaluate(generator, device=torch.device("cpu"))
     assert metrics["baseline_psnr"] == pytest.approx(expected, abs=1e-3)
-    assert metrics["psnr_margin"] == pytest.approx(metrics["psnr"] - metrics["baseline_psnr"])
+    # sharp → smooth is validated too; its path is still zero, so its baseline is the sharp input itself
+    inverse = _psnr(sharp, smooth, WINDOWS["nlst"], body)
+    assert metrics["inverse_baseline_psnr"] == pytest.approx(inverse, abs=1e-3)
+    margins = [metrics[f"{p}psnr"] - metrics[f"{p}baseline_psnr"] for p in ("", "inverse_")]
+    assert metrics["psnr_margin"] == pytest.approx(sum(margins) / 2)
 
 
 def test_untrained_residual_generator_with_fitted_paths_has_zero_margin(tmp_path):
@@ -86,7 +90,7 @@ def test_sr_baseline_is_tricubic_whatever_the_input_upsampling(tmp_path):
     validation = ValidationSet.from_config(config, CTWindow(*WINDOWS["chest-1024"]))
     assert validation.baseline == "tricubic"
     baseline = validation.score_baseline(build_generator_from_config(config))
-    assert baseline["psnr"] == pytest.approx(_psnr(tricubic, hr, WINDOWS["chest-1024"]), abs=1e-3)
+    assert baseline["baseline_psnr"] == pytest.approx(_psnr(tricubic, hr, WINDOWS["chest-1024"]), abs=1e-3)
 
 
 def test_single_kernel_case_is_split_and_validated_on_its_held_out_end(tmp_path):
@@ -107,6 +111,24 @@ def test_single_kernel_case_is_split_and_validated_on_its_held_out_end(tmp_path)
     assert len(margins) == 3 and rows[0]["step"] == "0"  # before training, after 3 and after 6 steps
     best = load_checkpoint(run / "checkpoints" / "best.pt")
     assert best["best_metric"] == {"name": "psnr_margin", "value": pytest.approx(max(margins), abs=1e-5)}
+
+
+@pytest.mark.parametrize(
+    ("shape", "held"),
+    [((40, 24, 10), "last 2 of 10 voxels along axis 2"), ((40, 24, 4), "last 8 of 40 voxels along axis 0")],
+)
+def test_a_single_case_is_cut_along_its_slice_axis_when_it_has_five_slices(tmp_path, shape, held):
+    """Whole cross-sections are held out (z: 2 mm voxels against 1.5 mm in-plane), not an in-plane strip
+    at the field of view's edge; with fewer than five slices, the longest axis."""
+    datalist = write_kernel_datalist(tmp_path / "data", cases=1, shape=shape, validation=False)
+    with pytest.warns(UserWarning, match=held):
+        holdout_config(tiny_config(datalist), tmp_path / "run")
+
+
+def test_the_slice_axis_is_the_last_of_equally_thick_ones():
+    assert _holdout_axis((30, 40, 12), np.eye(4), (1, 1, 1)) == 2  # isotropic: z, though y is longer
+    assert _holdout_axis((30, 40, 12), np.diag([1.0, 2.0, 1.0, 1.0]), (1, 1, 1)) == 1
+    assert _holdout_axis((24, 24, 40), np.eye(4), (2, 2, 4)) == 2  # the input's thick slices count
 
 
 def test_single_sr_case_is_cut_on_a_whole_thick_slice(tmp_path):
@@ -136,20 +158,25 @@ def test_single_sr_case_is_cut_on_a_whole_thick_slice(tmp_path):
     assert holdout_config(split, tmp_path / "run") is split  # a validation case now: nothing to split
 
 
-def test_train_command_ends_with_the_margin(tmp_path, capsys):
+def test_train_command_ends_with_the_margin_of_each_direction(tmp_path, capsys):
     datalist = write_kernel_datalist(tmp_path, cases=2)
     config = tmp_path / "config.yaml"
     from revgan_med.config import save_config
 
     save_config(tiny_config(datalist, "loss.gan=none", "train.steps=2", "train.val_every=2"), config)
     assert main(["train", "--config", str(config), "--output", str(tmp_path / "run")]) == 0
-    last = capsys.readouterr().out.strip().splitlines()
+    out = capsys.readouterr().out.strip().splitlines()
     row = _rows(tmp_path / "run")[-1]
-    margin = float(row["val_psnr_margin"])
-    assert margin == pytest.approx(float(row["val_psnr"]) - float(row["val_baseline_psnr"]), abs=1e-4)
-    text = "\n".join(last[-2:])
-    assert "baseline (identity (the input))" in text and f"margin {margin:+.2f} dB" in text
-    assert last[-1].startswith("WARNING") == (margin < 0)
+    margins = {p: float(row[f"val_{p}psnr"]) - float(row[f"val_{p}baseline_psnr"]) for p in ("", "inverse_")}
+    assert float(row["val_psnr_margin"]) == pytest.approx(sum(margins.values()) / 2, abs=1e-4)
+    text = "\n".join(out)
+    for prefix, name in (("", "X → Y"), ("inverse_", "Y → X")):
+        line = next(x for x in out if x.startswith(f"validation at step 2, {name}:"))
+        assert "baseline (identity (the input))" in line and f"margin {margins[prefix]:+.2f} dB" in line
+        assert (f"BELOW its baseline (identity (the input)) on the validation data ({name})" in text) == (
+            margins[prefix] < -0.005
+        )
+    assert f"mean margin {float(row['val_psnr_margin']):+.2f} dB" in text
 
 
 def test_margin_report_warns_when_the_model_ends_below_its_baseline(tmp_path):
@@ -168,3 +195,17 @@ def test_margin_report_warns_when_the_model_ends_below_its_baseline(tmp_path):
     (tmp_path / "metrics.csv").write_text(columns + "2,0.4,32,0.9,31,0.91,1\n")
     assert len(margin_report(tmp_path, "tricubic")) == 1
     assert margin_report(tmp_path / "nothing", "tricubic") == []
+
+
+def test_margin_report_of_a_kernel_model_gives_each_direction_and_warns_for_the_one_below(tmp_path):
+    columns = "step,val_psnr,val_ssim,val_baseline_psnr,val_baseline_ssim,val_inverse_psnr,val_inverse_ssim,"
+    columns += "val_inverse_baseline_psnr,val_inverse_baseline_ssim,val_psnr_margin\n"
+    rows = ["0,40,0.9,40,0.9,42,0.95,42,0.95,0", "5,39.8,0.9,40,0.9,44,0.96,42,0.95,0.9"]
+    (tmp_path / "metrics.csv").write_text(columns + "\n".join(rows) + "\n")
+    forward, inverse, mean, warning = margin_report(tmp_path, "fitted linear filter")
+    assert forward.startswith("validation at step 5, X → Y: model PSNR 39.80 dB")
+    assert inverse.startswith("validation at step 5, Y → X: model PSNR 44.00 dB")
+    assert "margin -0.20 dB" in forward and "margin +2.00 dB" in inverse
+    assert mean == "mean margin +0.90 dB; best.pt: step 5, mean margin +0.90 dB (X → Y -0.20, Y → X +2.00)"
+    assert warning == ("WARNING: the model ends 0.20 dB BELOW its baseline (fitted linear filter) on the "
+                       "validation data (X → Y)")  # fmt: skip

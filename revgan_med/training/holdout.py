@@ -1,8 +1,12 @@
 """Automatic hold-out: a run whose datalist has one training case and no validation case validates on
 the far end of that case instead of not validating at all.
 
-The case is cut once, along its longest axis (on the target grid), into a training part and the last
-``fraction`` of it for validation; for super-resolution the cut falls on a whole thick slice, so the
+The case is cut once, along its slice axis, into a training part and the last ``fraction`` of its
+slices for validation, so the held-out part is whole cross-sections like any other scan's (a strip at an
+in-plane edge is mostly air, couch or head holder: on the shared kernel pairs the model's margin there
+was negative where it was positive on the test half, so ``best.pt`` was always the untrained start).
+The slice axis is the one with the thickest voxels (z on a tie), if it has at least `MIN_SLICES` input
+slices; else the longest axis. For super-resolution the cut falls on a whole thick slice, so the
 input and the target of each part cover the same field of view. The parts are written as NIfTI (with
 their shifted affines) and a datalist under ``RUN_DIR/holdout/``; the run's config then points at that
 datalist, so training never sees the held-out voxels and a resumed run finds the same split.
@@ -23,6 +27,7 @@ from revgan_med.io import load_volume, save_volume
 from revgan_med.io.atomic import atomic_write_text
 
 HOLDOUT_FRACTION = 0.2
+MIN_SLICES = 5  # along the slice axis: a fifth of them is at least one slice, and four stay for training
 _VOLUME_KEYS = ("image", "target", "mask")  # the datalist keys that hold volumes
 
 
@@ -31,6 +36,15 @@ def _part(array: np.ndarray, affine: np.ndarray, axis: int, start: int, stop: in
     shift = np.eye(4)
     shift[axis, 3] = start
     return np.take(array, np.arange(start, stop), axis=axis), np.asarray(affine, dtype=np.float64) @ shift
+
+
+def _holdout_axis(shape: tuple[int, ...], affine: np.ndarray, factors: tuple[int, ...]) -> int:
+    """The slice axis of a target grid — the thickest voxels of the input (the target's times the
+    super-resolution `factors`), the last of equals — when it has `MIN_SLICES` input slices, else the
+    longest axis."""
+    spacing = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0) * factors
+    thickest = max(range(3), key=lambda a: (round(float(spacing[a]), 6), a))
+    return thickest if shape[thickest] // factors[thickest] >= MIN_SLICES else int(np.argmax(shape))
 
 
 def holdout_config(
@@ -51,10 +65,11 @@ def holdout_config(
         config, data=dataclasses.replace(config.data, datalist=str(folder / "datalist.json"))
     )
     (case,) = load_datalist(datalist, "training")
-    target_shape = load_volume(case["target"])[0].shape[:3]
-    axis = int(np.argmax(target_shape))
-    factor = config.data.factors[axis] if config.task in SR_TASKS else 1
-    length = target_shape[axis] // factor  # whole thick slices (the input's voxels along `axis`)
+    target, target_affine = load_volume(case["target"])
+    factors = tuple(config.data.factors) if config.task in SR_TASKS else (1, 1, 1)
+    axis = _holdout_axis(target.shape[:3], target_affine, factors)
+    factor = factors[axis]
+    length = target.shape[axis] // factor  # whole thick slices (the input's voxels along `axis`)
     held = max(1, round(fraction * length))
     if length - held < 1:
         warnings.warn(f"no validation during training: {case['target']} is too thin to hold out a part of it",
@@ -63,7 +78,7 @@ def holdout_config(
     cut = length - held
     warnings.warn(
         f"{datalist} has one training case and no validation case: validating on its last {held * factor} of "
-        f"{target_shape[axis]} voxels along axis {axis} (held out from training, written to {folder})",
+        f"{target.shape[axis]} voxels along axis {axis} (held out from training, written to {folder})",
         stacklevel=2,
     )
     if not write:

@@ -12,7 +12,11 @@ there (``loss.region: body``); for dMRI inside the brain mask, with the target's
 The baseline is what one would do without the model: tricubic upsampling for super-resolution, the
 generator's least-squares fitted linear filter (scored once, as fitted before training) or else the
 input unchanged for kernel conversion. Its scores are reported as ``baseline_*`` and the model's
-PSNR margin over it as ``psnr_margin``, which is what ``best.pt`` is chosen on.
+PSNR margin over it as ``psnr_margin``, which is what ``best.pt`` is chosen on. A kernel model serves
+both directions (``infer --direction inverse``), so it is validated both ways: the sharp → smooth
+scores as ``inverse_*`` and ``inverse_baseline_*``, and ``psnr_margin`` is the mean of the two
+directions' margins (a checkpoint that only gains in one direction and loses as much in the other is
+no better than its start).
 """
 
 from __future__ import annotations
@@ -36,10 +40,16 @@ from revgan_med.tiling import DEFAULT_MARGIN, sliding_window_predict, window_siz
 from revgan_med.training.logging import RunLogger
 
 METRICS = ("mae", "rmse", "psnr", "ssim")
+KERNEL_DIRECTIONS = ("forward", "inverse")  # a kernel model converts both ways (``infer --direction``)
 
 
 def _metric_window(task: str) -> tuple[float, float] | None:
     return parse_window(METRIC_WINDOWS[task]) if task in METRIC_WINDOWS else None
+
+
+def _prefix(direction: str) -> str:
+    """The metric-name prefix of a direction: none for X → Y, ``inverse_`` for Y → X."""
+    return "" if direction == "forward" else "inverse_"
 
 
 def baseline_name(task: str, linear_kernel: Sequence[int] | None) -> str:
@@ -67,6 +77,7 @@ class ValidationSet:
         baseline: the baseline's name (`baseline_name`); without a case ``baseline`` it is the
             generator's linear path (plus the input for residual generators), or the input itself.
         metric_window: HU window of the CT metrics (None: the training window).
+        directions: ``("forward",)``, or ``("forward", "inverse")`` to validate Y → X as well.
     """
 
     def __init__(
@@ -79,14 +90,18 @@ class ValidationSet:
         batch_size: int = 1,
         baseline: str = "identity (the input)",
         metric_window: Sequence[float] | None = None,
+        directions: Sequence[str] = ("forward",),
     ) -> None:
         if not cases:
             raise ValueError("ValidationSet: no cases")
+        if not directions or set(directions) - {"forward", "inverse"}:
+            raise ValueError(f"ValidationSet: directions {list(directions)}: expected forward and/or inverse")
         self.cases = cases
         self.patch_size, self.context_size, self.target_size = patch_size, context_size, target_size
         self.batch_size = batch_size
         self.baseline = baseline
         self.metric_window = metric_window
+        self.directions = tuple(directions)
         self.baseline_scores: dict[str, float] | None = None
 
     @classmethod
@@ -117,10 +132,13 @@ class ValidationSet:
                 )
         return cls(cases, patch_size=data.patch_size, context_size=config.infer.context_size,
                    target_size=config.infer.target_size, batch_size=config.infer.batch_size,
-                   baseline=baseline, metric_window=_metric_window(config.task))  # fmt: skip
+                   baseline=baseline, metric_window=_metric_window(config.task),
+                   directions=KERNEL_DIRECTIONS if config.task == "ct-kernel" else ("forward",))  # fmt: skip
 
-    def predict(self, generator: nn.Module, image: np.ndarray, *, device: torch.device) -> np.ndarray:
-        """X→Y prediction of one normalised (C, X, Y, Z) volume, same shape."""
+    def predict(
+        self, generator: nn.Module, image: np.ndarray, *, device: torch.device, direction: str = "forward"
+    ) -> np.ndarray:
+        """X→Y (or, `direction` ``inverse``, Y→X) prediction of one normalised (C, X, Y, Z) volume."""
         volume = torch.from_numpy(image)[None]
         radius = getattr(generator, "receptive_radius", None)
         target, context = window_sizes(
@@ -128,62 +146,83 @@ class ValidationSet:
             target_size=self.target_size, context_size=self.context_size,
         )  # fmt: skip
         out = sliding_window_predict(
-            generator, volume, target_size=target, context_size=context, batch_size=self.batch_size,
-            device=device,
+            generator if direction == "forward" else generator.inverse, volume, target_size=target,
+            context_size=context, batch_size=self.batch_size, device=device,
         )  # fmt: skip
         return out[0].numpy()
 
-    def _metrics(self, case: dict[str, Any], prediction: np.ndarray) -> dict[str, float]:
-        """Metrics of one normalised prediction against the case's target, in scanner units."""
+    @staticmethod
+    def _source_reference(case: dict[str, Any], direction: str) -> tuple[np.ndarray, np.ndarray]:
+        return (case["image"], case["target"]) if direction == "forward" else (case["target"], case["image"])
 
+    def _metrics(
+        self, case: dict[str, Any], prediction: np.ndarray, direction: str = "forward"
+    ) -> dict[str, float]:
+        """Metrics of one normalised prediction against the case's target (`direction` ``inverse``: its
+        input), in scanner units."""
+        reference = self._source_reference(case, direction)[1]
         mapping = case["mapping"]
         if isinstance(mapping, CTWindow):  # denormalize clips to the training window
             lo, hi = self.metric_window or (mapping.lo, mapping.hi)
-            pred, ref = (np.clip(mapping.denormalize(v)[0], lo, hi) for v in (prediction, case["target"]))
+            pred, ref = (np.clip(mapping.denormalize(v)[0], lo, hi) for v in (prediction, reference))
             return compute_metrics(pred, ref, data_range=hi - lo, mask=case.get("body"))
         pred = mapping.denormalize(prediction, channel_axis=0)
-        ref = mapping.denormalize(case["target"], channel_axis=0)
+        ref = mapping.denormalize(reference, channel_axis=0)
         inside = ref[:, case["mask"]]
         data_range = float(inside.max() - inside.min()) or 1.0
         return compute_metrics(pred, ref, data_range=data_range, mask=case["mask"], channel_axis=0)
 
     @torch.no_grad()
     def score_baseline(self, generator: nn.Module) -> dict[str, float]:
-        """Mean metrics of the baseline over the cases, computed on the first call and kept: call it
-        right after the linear paths are fitted, so the reference is the fitted start."""
+        """Mean metrics of the baseline over the cases (``baseline_*``, ``inverse_baseline_*``), computed
+        on the first call and kept: call it right after the linear paths are fitted, so the reference is
+        the fitted start."""
         if self.baseline_scores is None:
-            rows = []
-            for case in self.cases:
-                baseline, path = case.get("baseline"), getattr(generator, "lin_y", None)
-                if baseline is None and path is None:
-                    baseline = case["image"]
-                elif baseline is None:  # a linear filter with replicate padding: the whole volume at once
-                    volume = torch.from_numpy(case["image"])[None].to(path.weight.device)
-                    out = path(volume) + volume if generator.residual else path(volume)
-                    baseline = out[0].cpu().numpy()
-                rows.append(self._metrics(case, baseline))
-            self.baseline_scores = _mean(rows)
+            self.baseline_scores = {}
+            for direction in self.directions:
+                rows = [self._metrics(case, self._baseline(case, generator, direction), direction)
+                        for case in self.cases]  # fmt: skip
+                self.baseline_scores.update(
+                    {f"{_prefix(direction)}baseline_{k}": v for k, v in _mean(rows).items()}
+                )
         return self.baseline_scores
+
+    @staticmethod
+    def _baseline(case: dict[str, Any], generator: nn.Module, direction: str) -> np.ndarray:
+        """The baseline's normalised prediction of one case in `direction`."""
+        if direction == "forward" and "baseline" in case:
+            return case["baseline"]
+        source = ValidationSet._source_reference(case, direction)[0]
+        path = getattr(generator, "lin_y" if direction == "forward" else "lin_x", None)
+        if path is None:
+            return source
+        volume = torch.from_numpy(source)[None].to(path.weight.device)  # replicate padding: all at once
+        out = path(volume) + volume if generator.residual else path(volume)
+        return out[0].cpu().numpy()
 
     def evaluate(
         self, generator: nn.Module, *, device: torch.device, logger: RunLogger | None = None, step: int = 0
     ) -> dict[str, float]:
-        """Mean ``mae``, ``rmse``, ``psnr``, ``ssim`` over the cases, the baseline's as ``baseline_*`` and
-        ``psnr_margin`` (model − baseline, dB); logs input | output | target."""
+        """Mean ``mae``, ``rmse``, ``psnr``, ``ssim`` over the cases per direction (``inverse_*`` for Y → X),
+        the baseline's as ``baseline_*`` / ``inverse_baseline_*`` and ``psnr_margin``, the mean over the
+        directions of model − baseline PSNR (dB); logs input | output | target of X → Y."""
         was_training = generator.training
         generator.eval()
-        baseline = self.score_baseline(generator)
-        rows = []
-        for index, case in enumerate(self.cases):
-            prediction = self.predict(generator, case["image"], device=device)
-            rows.append(self._metrics(case, prediction))
-            if index == 0 and logger is not None:
-                panels = [_coronal(v) for v in (case["image"], prediction, case["target"])]
-                logger.images(step, "validation/input_output_target", panels)
+        baseline, scores, margins = self.score_baseline(generator), {}, []
+        for direction in self.directions:
+            rows = []
+            for index, case in enumerate(self.cases):
+                source = self._source_reference(case, direction)[0]
+                prediction = self.predict(generator, source, device=device, direction=direction)
+                rows.append(self._metrics(case, prediction, direction))
+                if index == 0 and direction == "forward" and logger is not None:
+                    panels = [_coronal(v) for v in (case["image"], prediction, case["target"])]
+                    logger.images(step, "validation/input_output_target", panels)
+            prefix = _prefix(direction)
+            scores.update({f"{prefix}{k}": v for k, v in _mean(rows).items()})
+            margins.append(scores[f"{prefix}psnr"] - baseline[f"{prefix}baseline_psnr"])
         generator.train(was_training)
-        metrics = _mean(rows)
-        return {**metrics, **{f"baseline_{k}": v for k, v in baseline.items()},
-                "psnr_margin": metrics["psnr"] - baseline["psnr"]}  # fmt: skip
+        return {**scores, **baseline, "psnr_margin": float(np.mean(margins))}
 
 
 def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -191,21 +230,37 @@ def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
 
 
 def margin_report(run_dir: str | Path, baseline: str) -> list[str]:
-    """The lines that end a run, from its ``metrics.csv``: model vs baseline at the last validation,
-    and a WARNING when the model ends below its baseline there (none without validation)."""
+    """The lines that end a run, from its ``metrics.csv``: model vs baseline at the last validation (per
+    direction for a kernel model), and a WARNING for each direction in which the model ends below its
+    baseline there (none without validation)."""
     path = Path(run_dir) / "metrics.csv"
     rows = [r for r in csv.DictReader(path.open()) if r.get("val_psnr")] if path.is_file() else []
     if not rows or not rows[-1].get("val_psnr_margin"):
         return []
     last, best = rows[-1], max(rows, key=lambda r: float(r["val_psnr_margin"]))
-    margin = float(last["val_psnr_margin"])
-    lines = [
-        f"validation at step {last['step']}: model PSNR {float(last['val_psnr']):.2f} dB, SSIM "
-        f"{float(last['val_ssim']):.4f}; baseline ({baseline}) {float(last['val_baseline_psnr']):.2f} dB, "
-        f"SSIM {float(last['val_baseline_ssim']):.4f}; margin {margin:+.2f} dB "
-        f"(best.pt: step {best['step']}, margin {float(best['val_psnr_margin']):+.2f} dB)"
-    ]
-    if margin < 0:
-        lines.append(f"WARNING: the model ends {-margin:.2f} dB BELOW its baseline ({baseline}) on the "
-                     "validation data")  # fmt: skip
+    directions = {"": "X → Y", "inverse_": "Y → X"} if last.get("val_inverse_psnr") else {"": ""}
+
+    def margin(row: dict[str, str], prefix: str) -> float:
+        return float(row[f"val_{prefix}psnr"]) - float(row[f"val_{prefix}baseline_psnr"])
+
+    def scores(prefix: str) -> str:
+        model, base = (f"val_{prefix}", f"val_{prefix}baseline_")
+        return (f"model PSNR {float(last[model + 'psnr']):.2f} dB, SSIM {float(last[model + 'ssim']):.4f}; "
+                f"baseline ({baseline}) {float(last[base + 'psnr']):.2f} dB, "
+                f"SSIM {float(last[base + 'ssim']):.4f}; margin {margin(last, prefix):+.2f} dB")  # fmt: skip
+
+    chosen = f"best.pt: step {best['step']}, "
+    if len(directions) == 1:
+        chosen += f"margin {float(best['val_psnr_margin']):+.2f} dB"
+        lines = [f"validation at step {last['step']}: {scores('')} ({chosen})"]
+    else:
+        each = ", ".join(f"{name} {margin(best, prefix):+.2f}" for prefix, name in directions.items())
+        chosen += f"mean margin {float(best['val_psnr_margin']):+.2f} dB ({each})"
+        lines = [f"validation at step {last['step']}, {name}: {scores(prefix)}"
+                 for prefix, name in directions.items()]  # fmt: skip
+        lines.append(f"mean margin {float(last['val_psnr_margin']):+.2f} dB; {chosen}")
+    for prefix, name in directions.items():
+        if (below := -margin(last, prefix)) > 0:
+            lines.append(f"WARNING: the model ends {below:.2f} dB BELOW its baseline ({baseline}) on the "
+                         f"validation data{f' ({name})' if name else ''}")  # fmt: skip
     return lines
