@@ -33,6 +33,11 @@ def test_solve_recovers_a_known_filter_and_bias_from_several_pairs():
     path.solve(*(a + b for a, b in zip(*sums, strict=True)))
     torch.testing.assert_close(path.weight.data, weight, atol=1e-4, rtol=0)
     torch.testing.assert_close(path.bias.data, bias, atol=1e-4, rtol=0)
+    with torch.no_grad():  # the solution is kept apart from the weights that train on
+        path.weight.zero_()
+        x = torch.randn(1, 3, 9, 7, 2)
+        interior = path.solved(x)[:, :, 2:-2, 1:-1]
+        torch.testing.assert_close(interior, _filtered(x, weight, bias), atol=1e-4, rtol=0)
 
 
 def test_solve_does_not_depend_on_the_intensity_offset_and_recovers_a_sharpening_filter():
@@ -188,8 +193,11 @@ def test_generator_with_linear_path_starts_as_without_and_handles_tiny_volumes(n
     linear = build_generator(name, in_channels=1, out_channels=1, width=4, depth=1, residual=True,
                              linear_kernel=[7, 7, 1])  # fmt: skip
     assert {k for k in linear.state_dict() if k.startswith("lin_")} == {
-        "lin_x.weight", "lin_x.bias", "lin_y.weight", "lin_y.bias"
+        f"lin_{d}.{s}{p}" for d in "xy" for s in ("", "solved_") for p in ("weight", "bias")
     }
+    assert {n for n, _ in linear.named_parameters() if n.startswith("lin_")} == {
+        "lin_x.weight", "lin_x.bias", "lin_y.weight", "lin_y.bias"
+    }  # the solution is kept, not trained
     x = torch.randn(1, 1, 5, 3, 2)  # smaller than the kernel in-plane: replicate padding still works
     with torch.no_grad():
         torch.testing.assert_close(linear(x), plain(x))
@@ -236,6 +244,38 @@ def test_weights_saved_without_a_gate_load_with_the_correction_ungated():
     x = torch.randn(1, 1, 8, 8, 4)
     with torch.no_grad():
         assert new.gate.item() == 1.0 and torch.equal(new(x), old(x))
+
+
+def test_a_direction_switched_to_its_baseline_is_exactly_its_solved_linear_filter():
+    def build():
+        return build_generator("rev_resnet3d", in_channels=1, out_channels=1, width=4, depth=1, residual=True,
+                               linear_kernel=[3, 3, 1])  # fmt: skip
+
+    torch.manual_seed(0)
+    gen = build()
+    wy, wx = torch.randn(1, 1, 3, 3, 1), torch.randn(1, 1, 3, 3, 1)
+    x = torch.randn(1, 1, 8, 8, 4)
+
+    def filtered(weight: torch.Tensor) -> torch.Tensor:
+        return x + F.conv3d(F.pad(x, (0, 0, 1, 1, 1, 1), mode="replicate"), weight)
+
+    with torch.no_grad():  # solved, then trained on: the switched direction is the solution
+        gen.lin_y.solved_weight.copy_(wy)
+        gen.lin_x.solved_weight.copy_(wx)
+        gen.lin_y.weight.copy_(wy + 0.1)
+        gen.lin_x.weight.copy_(wx - 0.1)
+        gen.gate.fill_(1.0)
+        on = gen(x), gen.inverse(x)
+        assert not torch.allclose(on[0], filtered(wy), atol=1e-3)  # the correction and trained path
+        gen.baseline_only.copy_(torch.tensor([True, False]))
+        torch.testing.assert_close(gen(x), filtered(wy))
+        assert torch.equal(gen.inverse(x), on[1])
+        gen.baseline_only.copy_(torch.tensor([False, True]))
+        assert torch.equal(gen(x), on[0])
+        torch.testing.assert_close(gen.inverse(x), filtered(wx))
+        new = build()  # weights saved before the switch existed: both corrections on
+        new.load_state_dict({k: v for k, v in gen.state_dict().items() if k != "baseline_only"})
+        assert not new.baseline_only.any() and torch.equal(new(x), on[0])
 
 
 def test_paired_objective_fits_each_direction_to_what_the_network_leaves():

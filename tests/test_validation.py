@@ -21,7 +21,7 @@ from revgan_med.io import load_volume
 from revgan_med.tasks import WINDOWS
 from revgan_med.training.holdout import _holdout_axis, holdout_config
 from revgan_med.training.loop import train
-from revgan_med.training.validation import ValidationSet, margin_report
+from revgan_med.training.validation import ValidationSet, fallbacks, margin_report
 
 
 def _psnr(prediction: np.ndarray, reference: np.ndarray, window: tuple[float, float], mask=None) -> float:
@@ -45,9 +45,10 @@ def test_kernel_baseline_is_the_linear_filter_scored_in_the_nlst_window(tmp_path
         f"loss.region={region}",
     )
     generator = build_generator_from_config(config)
-    with torch.no_grad():  # a hand-set filter: output = input + 0.5·input + 10 HU (in ct-full units)
-        generator.lin_y.weight[0, 0, 1, 1, 0] = 0.5
-        generator.lin_y.bias.fill_(20.0 / 4095.0)
+    with torch.no_grad():  # a hand-set solution: output = input + 0.5·input + 10 HU (in ct-full units)
+        generator.lin_y.solved_weight[0, 0, 1, 1, 0] = 0.5
+        generator.lin_y.solved_bias.fill_(20.0 / 4095.0)
+        generator.lin_y.weight.fill_(0.3)  # trained since: the baseline stays the solution
     validation = ValidationSet.from_config(config, CTWindow(*WINDOWS["ct-full"]))
     assert validation.baseline == "fitted linear filter"
     smooth, sharp = (load_volume(tmp_path / "case1" / f"{n}.nii.gz")[0] for n in ("smooth", "sharp"))
@@ -62,19 +63,43 @@ def test_kernel_baseline_is_the_linear_filter_scored_in_the_nlst_window(tmp_path
     inverse = _psnr(sharp, smooth, WINDOWS["nlst"], body)
     assert metrics["inverse_baseline_psnr"] == pytest.approx(inverse, abs=1e-3)
     margins = [metrics[f"{p}psnr"] - metrics[f"{p}baseline_psnr"] for p in ("", "inverse_")]
-    assert metrics["psnr_margin"] == pytest.approx(sum(margins) / 2)
+    assert margins[0] < 0 and metrics["fallback"] == 1.0  # the trained 0.3 is worse than the solved 0.5
+    assert metrics["psnr_margin"] == pytest.approx(sum(max(m, 0.0) for m in margins) / 2)  # it falls back
 
 
 def test_untrained_residual_generator_with_fitted_paths_has_zero_margin(tmp_path):
     datalist = write_kernel_datalist(tmp_path, cases=2)
     config = tiny_config(datalist, "model.residual=true", "model.linear_kernel=[3,3,1]")
     generator = build_generator_from_config(config)
-    with torch.no_grad():
+    with torch.no_grad():  # as `LinearPath.solve` leaves them: trained weights = the solution
         generator.lin_y.weight.normal_(0.0, 0.1)
+        generator.lin_y.solved_weight.copy_(generator.lin_y.weight)
     metrics = ValidationSet.from_config(config, CTWindow(*WINDOWS["nlst"])).evaluate(
         generator, device=torch.device("cpu")
     )
     assert metrics["psnr_margin"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_a_direction_below_its_baseline_falls_back_to_it_exactly(tmp_path):
+    datalist = write_kernel_datalist(tmp_path, cases=2)
+    overrides = ("data.window=ct-full", "model.residual=true", "model.linear_kernel=[3,3,1]")
+    config = tiny_config(datalist, *overrides)
+    generator = build_generator_from_config(config)
+    with torch.no_grad():  # solved filters, trained on since, and the random correction at full strength
+        for path, centre in ((generator.lin_y, 0.05), (generator.lin_x, -0.05)):
+            path.solved_weight[0, 0, 1, 1, 0] = centre
+            path.weight[0, 0, 1, 1, 0] = 2 * centre
+        generator.gate.fill_(1.0)
+    validation = ValidationSet.from_config(config, CTWindow(*WINDOWS["ct-full"]))
+    metrics = validation.evaluate(generator, device=torch.device("cpu"))
+    for prefix in ("", "inverse_"):
+        assert metrics[f"{prefix}psnr"] < metrics[f"{prefix}baseline_psnr"] - 1.0  # the correction is noise
+        assert metrics[f"{prefix}fallback"] == 1.0
+    assert metrics["psnr_margin"] == 0.0  # each direction counts as its baseline
+    generator.baseline_only.copy_(fallbacks(metrics))
+    switched = validation.evaluate(generator, device=torch.device("cpu"))
+    for prefix in ("", "inverse_"):
+        assert switched[f"{prefix}psnr"] == pytest.approx(switched[f"{prefix}baseline_psnr"], abs=1e-4)
 
 
 def test_sr_baseline_is_tricubic_whatever_the_input_upsampling(tmp_path):
@@ -129,6 +154,33 @@ def test_the_slice_axis_is_the_last_of_equally_thick_ones():
     assert _holdout_axis((30, 40, 12), np.eye(4), (1, 1, 1)) == 2  # isotropic: z, though y is longer
     assert _holdout_axis((30, 40, 12), np.diag([1.0, 2.0, 1.0, 1.0]), (1, 1, 1)) == 1
     assert _holdout_axis((24, 24, 40), np.eye(4), (2, 2, 4)) == 2  # the input's thick slices count
+
+
+def test_best_checkpoint_keeps_its_baseline_in_each_direction_the_model_was_below_it(tmp_path):
+    """A run that gets worse (lr 0.05) saves best.pt with those directions' corrections off: reloaded and
+    validated again, best.pt is nowhere below the fitted filters; last.pt keeps every correction."""
+    datalist = write_kernel_datalist(tmp_path / "data", cases=2)
+    run = tmp_path / "run"
+    overrides = ("loss.gan=none", "model.residual=true", "model.linear_kernel=[3,3,1]",
+                 "train.linear_fit_batches=2", "train.lr=0.05", "train.val_every=2")  # fmt: skip
+    config = tiny_config(datalist, *overrides)
+    train(config, run)
+    rows = [r for r in _rows(run) if r["val_psnr"]]
+    best_row = max(rows, key=lambda r: float(r["val_psnr_margin"]))
+    flags = [float(best_row[f"val_{p}fallback"]) > 0 for p in ("", "inverse_")]
+    assert any(float(r[f"val_{p}fallback"]) > 0 for r in rows[1:] for p in ("", "inverse_"))
+    validation = ValidationSet.from_config(config, CTWindow(*WINDOWS["nlst"]))
+    for name, expected in (("last.pt", [False, False]), ("best.pt", flags)):
+        generator = build_generator_from_config(config)
+        generator.load_state_dict(load_checkpoint(run / "checkpoints" / name)["models"]["generator"])
+        assert generator.baseline_only.tolist() == expected
+    validation = ValidationSet.from_config(config, CTWindow(*WINDOWS["nlst"]))
+    metrics = validation.evaluate(generator, device=torch.device("cpu"))  # best.pt, baselines from its paths
+    for prefix, off in zip(("", "inverse_"), flags, strict=True):
+        if off:
+            assert metrics[f"{prefix}psnr"] == pytest.approx(metrics[f"{prefix}baseline_psnr"], abs=1e-4)
+        else:
+            assert metrics[f"{prefix}psnr"] >= metrics[f"{prefix}baseline_psnr"] - 1e-4
 
 
 def test_single_sr_case_is_cut_on_a_whole_thick_slice(tmp_path):

@@ -4,8 +4,9 @@ Reads the config strictly (unknown keys and wrong types are errors naming the ke
 `--set` overrides, writes the fully resolved config to RUN_DIR/config.yaml and trains, writing
 RUN_DIR/metrics.csv, TensorBoard events in RUN_DIR/tensorboard and RUN_DIR/checkpoints/{last,best}.pt,
 and ends with the last validation's model vs baseline (tricubic for super-resolution, the fitted linear
-filter for kernel conversion) and a WARNING line when the model is below it; best.pt has the largest
-margin. A datalist with one training case and no validation case is split: its far end validates.
+filter for kernel conversion, in both directions) and a WARNING line for each direction in which the model
+is below it; best.pt has the largest margin (kernels: the mean of the two). A datalist with one training
+case and no validation case is split: its last slices validate.
 `--resume` continues from RUN_DIR/checkpoints/last.pt exactly where it stopped (also after a kill);
 without --config it reuses RUN_DIR/config.yaml. For several GPUs or nodes, launch with torchrun.
 

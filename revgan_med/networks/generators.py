@@ -76,6 +76,7 @@ def build_generator(
     gated = residual and linear_kernel is not None
     if gated:
         model.gate = nn.Parameter(torch.zeros(()))
+        model.baseline_only = torch.zeros(2, dtype=torch.bool)
     elif residual:
         for dec in (model.dec_x, model.dec_y):
             last = [m for m in dec.modules() if isinstance(m, nn.Conv3d)][-1]
@@ -146,10 +147,15 @@ class Generator(nn.Module):
         self.multiple, self.min_size, self.residual = multiple, min_size, residual
         self.lin_y, self.lin_x = lin_y, lin_x  # registered in this order, as checkpoints list them
         self.gate: nn.Parameter | None = None  # scales the network's correction (see `build_generator`)
+        # with a gate: (forward, inverse) directions that are exactly their solved linear filter (correction
+        # off, `LinearPath.solved`); set in a best.pt for a direction whose model was below that filter
+        self.register_buffer("baseline_only", None)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
         if self.gate is not None and prefix + "gate" not in state_dict:
             state_dict[prefix + "gate"] = torch.ones(())  # saved before the gate: its correction was ungated
+        if self.baseline_only is not None and prefix + "baseline_only" not in state_dict:
+            state_dict[prefix + "baseline_only"] = torch.zeros(2, dtype=torch.bool)  # saved before the switch
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -166,8 +172,13 @@ class Generator(nn.Module):
             v, body = v.float(), body.float()
             if self.gate is not None:
                 body = self.gate.float() * body
+            linear = self.linear_part(v, inverse=inverse)
+            if self.baseline_only is not None:  # tensor arithmetic rather than `if`, so traces keep it
+                off = self.baseline_only[int(inverse)].float()
+                path = self.lin_x if inverse else self.lin_y
+                body, linear = (1 - off) * body, (1 - off) * linear + off * path.solved(v)
             out = body + v if self.residual else body
-            return out + self.linear_part(v, inverse=inverse)
+            return out + linear
 
     def receptive_radius(self) -> int:
         """Input voxels on each side that one output voxel of `forward` sees through the convolutions

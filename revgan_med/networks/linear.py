@@ -21,7 +21,8 @@ class LinearPath(nn.Conv3d):
 
     Replicate padding, so any volume size works. `solve` sets it by least squares at once: the best
     filter between a smooth and a sharp kernel has a centre weight near 9, which Adam at lr 1e-3 would
-    need some ten thousand steps to reach.
+    need some ten thousand steps to reach. The solution is also kept apart (buffers ``solved_*``, not
+    trained): `solved` applies it, the baseline a trained model is measured against and falls back to.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel: Sequence[int]) -> None:
@@ -30,6 +31,18 @@ class LinearPath(nn.Conv3d):
             raise ValueError(f"linear_kernel must be three odd positive integers, got {list(kernel)}")
         super().__init__(in_channels, out_channels, kernel, padding=tuple(k // 2 for k in kernel),
                          padding_mode="replicate")  # fmt: skip
+        self.register_buffer("solved_weight", torch.zeros_like(self.weight))
+        self.register_buffer("solved_bias", torch.zeros_like(self.bias))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        for name in ("weight", "bias"):  # saved before the solution was kept: the path as saved
+            if prefix + name in state_dict and prefix + f"solved_{name}" not in state_dict:
+                state_dict[prefix + f"solved_{name}"] = state_dict[prefix + name].clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def solved(self, v: Tensor) -> Tensor:
+        """The filter as `solve` left it (zero if never solved), however far training has moved it."""
+        return self._conv_forward(v, self.solved_weight, self.solved_bias)
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.weight)
@@ -107,6 +120,8 @@ class LinearPath(nn.Conv3d):
             weights = tie @ torch.linalg.solve(system, tie.T @ centred_cross)
         self.weight.copy_(weights.T.reshape(self.weight.shape))
         self.bias.copy_(((cross[-1:] - sums.T @ weights) / count)[0])
+        self.solved_weight.copy_(self.weight)
+        self.solved_bias.copy_(self.bias)
 
     def _symmetry_ties(self) -> Tensor:
         """``(weights, unknowns)`` 0/1 matrix: each weight → its symmetry orbit."""

@@ -56,7 +56,7 @@ from revgan_med.training.holdout import holdout_config
 from revgan_med.training.logging import RunLogger
 from revgan_med.training.objectives import OBJECTIVES, Objective, build_objective
 from revgan_med.training.rng import capture_rng_state, restore_rng_state
-from revgan_med.training.validation import ValidationSet
+from revgan_med.training.validation import ValidationSet, fallbacks
 
 
 @dataclass
@@ -368,12 +368,19 @@ def _validate(
     validation: ValidationSet, objective: Objective, state: TrainState, checkpointer: _Checkpointer,
     best: Path, *, logger: RunLogger, device: torch.device,
 ) -> dict[str, float]:  # fmt: skip
-    """Validate, keep the model with the largest PSNR margin over the baseline as `best`; → ``val_*``."""
-    metrics = validation.evaluate(checkpointer.generator(), device=device, logger=logger, step=state.step)
+    """Validate, keep the model with the largest PSNR margin over the baseline as `best` (with the
+    correction off in each direction that falls back to its baseline: `ValidationSet.evaluate`); →
+    ``val_*``."""
+    generator = checkpointer.generator()
+    metrics = validation.evaluate(generator, device=device, logger=logger, step=state.step)
     objective.train()
     if metrics["psnr_margin"] > state.best_margin:
         state.best_margin = metrics["psnr_margin"]
+        if (off := getattr(generator, "baseline_only", None)) is not None:
+            off.copy_(fallbacks(metrics))
         save_checkpoint(best, checkpointer.payload(state))
+        if off is not None:
+            off.zero_()  # training and last.pt keep every correction
     return {f"val_{k}": v for k, v in metrics.items()}
 
 

@@ -16,7 +16,10 @@ PSNR margin over it as ``psnr_margin``, which is what ``best.pt`` is chosen on. 
 both directions (``infer --direction inverse``), so it is validated both ways: the sharp → smooth
 scores as ``inverse_*`` and ``inverse_baseline_*``, and ``psnr_margin`` is the mean of the two
 directions' margins (a checkpoint that only gains in one direction and loses as much in the other is
-no better than its start).
+no better than its start). A generator that can fall back to its fitted linear filter per direction
+(``baseline_only``: a gated residual correction) counts a direction below its baseline as 0 and
+reports it as ``fallback`` / ``inverse_fallback`` = 1: the `best.pt` saved from that validation has
+that direction's correction switched off, so there it IS its baseline.
 """
 
 from __future__ import annotations
@@ -175,8 +178,8 @@ class ValidationSet:
     @torch.no_grad()
     def score_baseline(self, generator: nn.Module) -> dict[str, float]:
         """Mean metrics of the baseline over the cases (``baseline_*``, ``inverse_baseline_*``), computed
-        on the first call and kept: call it right after the linear paths are fitted, so the reference is
-        the fitted start."""
+        on the first call and kept; for kernels from the linear paths' solved filters (the fitted start,
+        also after a resume)."""
         if self.baseline_scores is None:
             self.baseline_scores = {}
             for direction in self.directions:
@@ -197,15 +200,18 @@ class ValidationSet:
         if path is None:
             return source
         volume = torch.from_numpy(source)[None].to(path.weight.device)  # replicate padding: all at once
-        out = path(volume) + volume if generator.residual else path(volume)
+        out = path.solved(volume) + volume if generator.residual else path.solved(volume)
         return out[0].cpu().numpy()
 
     def evaluate(
         self, generator: nn.Module, *, device: torch.device, logger: RunLogger | None = None, step: int = 0
     ) -> dict[str, float]:
         """Mean ``mae``, ``rmse``, ``psnr``, ``ssim`` over the cases per direction (``inverse_*`` for Y → X),
-        the baseline's as ``baseline_*`` / ``inverse_baseline_*`` and ``psnr_margin``, the mean over the
-        directions of model − baseline PSNR (dB); logs input | output | target of X → Y."""
+        the baseline's as ``baseline_*`` / ``inverse_baseline_*``, for a generator with ``baseline_only``
+        whether the direction falls back to its baseline (``fallback``, 1 when below it) and
+        ``psnr_margin``, the mean over the directions of model − baseline PSNR (dB; 0 where it falls
+        back); logs input | output | target of X → Y."""
+        switchable = getattr(generator, "baseline_only", None) is not None
         was_training = generator.training
         generator.eval()
         baseline, scores, margins = self.score_baseline(generator), {}, []
@@ -220,9 +226,18 @@ class ValidationSet:
                     logger.images(step, "validation/input_output_target", panels)
             prefix = _prefix(direction)
             scores.update({f"{prefix}{k}": v for k, v in _mean(rows).items()})
-            margins.append(scores[f"{prefix}psnr"] - baseline[f"{prefix}baseline_psnr"])
+            margin = scores[f"{prefix}psnr"] - baseline[f"{prefix}baseline_psnr"]
+            if switchable:
+                scores[f"{prefix}fallback"] = float(margin < 0)
+            margins.append(max(margin, 0.0) if switchable else margin)
         generator.train(was_training)
         return {**scores, **baseline, "psnr_margin": float(np.mean(margins))}
+
+
+def fallbacks(metrics: dict[str, float]) -> torch.Tensor:
+    """(forward, inverse) bool: the directions that `ValidationSet.evaluate` let fall back to their
+    baseline (the value of a generator's ``baseline_only`` in the checkpoint saved from `metrics`)."""
+    return torch.tensor([metrics.get(f"{_prefix(d)}fallback", 0.0) > 0 for d in KERNEL_DIRECTIONS])
 
 
 def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -231,8 +246,8 @@ def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
 
 def margin_report(run_dir: str | Path, baseline: str) -> list[str]:
     """The lines that end a run, from its ``metrics.csv``: model vs baseline at the last validation (per
-    direction for a kernel model), and a WARNING for each direction in which the model ends below its
-    baseline there (none without validation)."""
+    direction for a kernel model, with what best.pt keeps of each), and a WARNING for each direction in
+    which the model ends below its baseline there (none without validation)."""
     path = Path(run_dir) / "metrics.csv"
     rows = [r for r in csv.DictReader(path.open()) if r.get("val_psnr")] if path.is_file() else []
     if not rows or not rows[-1].get("val_psnr_margin"):
@@ -254,7 +269,11 @@ def margin_report(run_dir: str | Path, baseline: str) -> list[str]:
         chosen += f"margin {float(best['val_psnr_margin']):+.2f} dB"
         lines = [f"validation at step {last['step']}: {scores('')} ({chosen})"]
     else:
-        each = ", ".join(f"{name} {margin(best, prefix):+.2f}" for prefix, name in directions.items())
+        each = ", ".join(
+            f"{name} {margin(best, prefix):+.2f}" if not float(best.get(f"val_{prefix}fallback") or 0)
+            else f"{name} its baseline (the model: {margin(best, prefix):+.2f})"
+            for prefix, name in directions.items()
+        )  # fmt: skip
         chosen += f"mean margin {float(best['val_psnr_margin']):+.2f} dB ({each})"
         lines = [f"validation at step {last['step']}, {name}: {scores(prefix)}"
                  for prefix, name in directions.items()]  # fmt: skip
