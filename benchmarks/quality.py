@@ -14,26 +14,27 @@ GAN, thick → thin only (``--sr-set loss.gan=lsgan`` adds the thesis's GAN, ``-
 the squared error).
 ``--ensemble`` adds the flip self-ensemble of ``infer --ensemble``. Target: model ≥ tricubic + 1.0 dB.
 
-``kernel`` — two same-acquisition pairs (``--kernel-pair philips|phantom|both``), one model per pair
-with ``configs/ct_kernel_paired.yaml``: the Philips B (smooth) / L (sharp) chest CT, 512×512×20 with
-5 mm slices, whose twenty slices cannot be halved along z, so x < 256 (one lung, half the mediastinum)
-trains and x ≥ 256 tests; and the head phantom UB (standard) / YA (bone), 512×512×48 with 1 mm
-slices, where z < 24 trains and the 24 slices above test (other levels of the head). The training
-half is one case without a validation case, so `train` validates on its last 20 % along the longest
-axis and never trains there. ``loss.gan=none`` (paired L1 only: cheaper on the CPU). The network works in
-the config's ct-full window (nothing clipped) with its in-plane linear paths least-squares fitted before
-training and its correction gated by a scalar that starts at 0; ``--linear-start`` also tests that
-untrained model (the fitted linear filter; one more short run). Tested smooth→sharp (forward) and
-sharp→smooth (inverse) with `infer`'s default windows (``--kernel-tiling thesis``: patch/2 centres)
-against doing nothing (the input as prediction), an in-plane unsharp mask (smooth→sharp) and
-Gaussian blur (sharp→smooth) whose sigma / amount are grid-searched on the TRAINING half, metrics in
-the nlst window [-900, 400] HU, over the whole test half and over the body (> −500 HU, largest
-component, holes filled per slice: the lungs are in). ``--ensemble`` also tests each model's flip
-self-ensemble (``infer --ensemble``), the fitted filter's included; ``--kernel-set KEY=VALUE`` adds
-config overrides. Targets: model ≥ 0.5 dB above the best classical filter — the tuned one, or the fitted
-linear filter (and its ensemble) when tested — and ≥ 3 dB above doing nothing, both directions, each pair.
-A second table splits each method's body RMSE by decile of the input's in-plane gradient (flat tissue …
-strong edges): where a model wins or loses, and how much any model could gain from structure at all.
+``kernel`` — two same-acquisition pairs (``--kernel-pair philips|phantom|both``), one model per pair with
+``configs/ct_kernel_paired.yaml``: the Philips B (smooth) / L (sharp) chest CT, 512×512×20 with 5 mm slices,
+whose twenty slices cannot be halved along z, so x < 256 (one lung, half the mediastinum) trains and x ≥ 256
+tests; and the head phantom UB (standard) / YA (bone), 512×512×48 with 1 mm slices, where z < 24 trains and
+the 24 slices above test (other levels of the head). The training half is one case without a validation
+case, so `train` validates on its last 20 % of slices (both directions) and never trains there.
+``loss.gan=none`` (paired L1 only: cheaper on the CPU). The network works in the config's ct-full window
+(nothing clipped) with its in-plane linear paths least-squares fitted before training and its correction
+gated by a scalar that starts at 0; ``--linear-start`` also tests that untrained model (the fitted linear
+filter; one more short run). ``best.pt`` (what ``infer`` is given: the largest validation margin, the fitted
+filter in a direction below it) and ``last.pt`` are each tested smooth→sharp (forward) and sharp→smooth
+(inverse) with `infer`'s default windows (``--kernel-tiling thesis``: patch/2 centres) against doing nothing
+(the input as prediction), an in-plane unsharp mask (smooth→sharp) and Gaussian blur (sharp→smooth) whose
+sigma / amount are grid-searched on the TRAINING half, metrics in the nlst window [-900, 400] HU, over the
+whole test half and over the body (> −500 HU, largest component, holes filled per slice: the lungs are in).
+``--ensemble`` also tests each model's flip self-ensemble (``infer --ensemble``), the fitted filter's
+included; ``--kernel-set KEY=VALUE`` adds config overrides. Targets: model ≥ 0.5 dB above the best classical
+filter — the tuned one, or the fitted linear filter (and its ensemble) when tested — and ≥ 3 dB above doing
+nothing, both directions, each pair. A second table splits each method's body RMSE by decile of the input's
+in-plane gradient (flat tissue … strong edges): where a model wins or loses, and how much any model could
+gain from structure at all.
 
 Defaults (CPU, two torch threads): generator width 16, depth 2, Adam constant then linear decay over the
 second half, ``model.memory_saving=false`` (32³ and 64×64×8 patches fit easily; recomputing the core in
@@ -43,7 +44,7 @@ PyTorch's slow non-oneDNN convolution and is slower per step than two). kernel: 
 and lr 2e-4, 64×64×8 patches, 1500 steps (11–13 min of training per pair on one thread; ~15 min per pair
 with testing). Measured on both pairs, these beat rev_srcnn3d and lr 1e-3 in 3 of 4 directions, and 1500
 steps beat 300 in all four (see the README). On a CPU that other jobs share, OpenMP threads wait on each
-other: ``--threads 1`` is faster there. The last checkpoint is tested. These are short runs, not converged
+other: ``--threads 1`` is faster there. sr tests the last checkpoint. These are short runs, not converged
 models: use --sr-steps / --kernel-steps and --device cuda to go further. Measurements:
 ``benchmarks/README.md``.
 
