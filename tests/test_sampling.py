@@ -96,6 +96,20 @@ def test_ct_body_fills_the_lungs_and_drops_what_lies_outside():
     assert ct_body(np.full((4, 4, 2), -1000.0)).all()  # no tissue at all: nothing is left out
 
 
+def test_ct_body_counts_what_a_ring_encloses_before_choosing_the_largest_part():
+    """A head-sized ring (a skull, 64 tissue voxels per slice, enclosing 36 of air) beside a U-shaped
+    holder with more tissue voxels (82): the body is the ring and its inside, not the holder."""
+    hu = np.full((40, 40, 3), -1000.0, np.float32)
+    hu[2:12, 2:12] = 300.0  # ring: 10 × 10 outline of width 2 …
+    hu[4:10, 4:10] = -1000.0  # … around 6 × 6 of air
+    hu[20:38, 2:4] = hu[20:38, 9:11] = 300.0  # holder: two 18 × 2 arms …
+    hu[36:38, 4:9] = 300.0  # … joined by a 2 × 5 base: 82 voxels, open at the top
+    expected = np.zeros(hu.shape, bool)
+    expected[2:12, 2:12] = True
+    assert (hu > -500)[20:38].sum() > (hu > -500)[:12, :12].sum()  # the holder has more tissue
+    np.testing.assert_array_equal(ct_body(hu), expected)
+
+
 def test_body_patches_mark_the_target_patch_anatomy(tmp_path):
     """The lung of the target is in the body, the air around it is not; patches crop the same place."""
     hu = np.full((24, 24, 24), -1000.0, np.float32)

@@ -21,17 +21,22 @@ def ct_foreground(hu: np.ndarray) -> np.ndarray:
 
 
 def ct_body(hu: np.ndarray) -> np.ndarray:
-    """The body of a CT volume (X, Y, Z) in HU: the largest connected part above −500 HU with its holes
-    filled per axial slice, so the lungs are in and the couch and air are out (all True if none).
+    """The body of a CT volume (X, Y, Z) in HU: the voxels above −500 HU with their holes filled per
+    axial slice, then the largest connected part of that, so the lungs are in and the couch and air are
+    out (all True if none).
 
+    Holes are filled before the largest part is chosen: a skull (or a chest wall) counts with what it
+    encloses. Chosen first, the largest part of a head phantom's lower half was its U-shaped holder,
+    which has more tissue-dense voxels than a skull that is thin or broken into pieces there.
     Scipy rather than MONAI's KeepLargestConnectedComponent + FillHoles: those fill in 3D, where the
     lungs reach the volume's top or bottom slice and stay open.
     """
-    labels, count = ndimage.label(ct_foreground(hu))
+    foreground = ct_foreground(hu)
+    filled = np.stack([ndimage.binary_fill_holes(foreground[..., z]) for z in range(foreground.shape[2])], -1)
+    labels, count = ndimage.label(filled)
     if count == 0:
         return np.ones(np.shape(hu), bool)
-    body = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
-    return np.stack([ndimage.binary_fill_holes(body[..., z]) for z in range(body.shape[2])], axis=-1)
+    return labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
 
 
 def pad_to_size(array: np.ndarray, size: Sequence[int], *, value: float = 0.0) -> np.ndarray:
