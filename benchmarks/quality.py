@@ -470,6 +470,8 @@ def run_kernel(
         for method, volume in methods.items():
             row = {"direction": label, "method": method}
             row.update({f"{k}_all": v for k, v in window_metrics(volume, reference, KERNEL_WINDOW).items()})
+            # HU fidelity, no window: the nlst window's edges clip away errors where the target is clipped
+            row["rmse_hu_all"] = float(np.sqrt(np.mean((volume.astype(np.float64) - reference) ** 2)))
             row.update(
                 {f"{k}_body": v for k, v in window_metrics(volume, reference, KERNEL_WINDOW, mask).items()}
             )
@@ -533,9 +535,10 @@ def format_sr(result: dict[str, Any]) -> str:
 
 def format_kernel(result: dict[str, Any], title: str = "") -> str:
     """The kernel table: per direction, nothing / tuned filter / [fitted linear filter /] model [each
-    with its flip ensemble], all voxels and body only, and the margins of the model (and of its
-    ensemble) over the best classical filter — tuned, or the fitted linear one and its ensemble —
-    and over nothing."""
+    with its flip ensemble], all voxels and body only (and the RMSE of all voxels in HU without the
+    window, whose edges clip errors away where the target lies beyond them), and the margins of the
+    model (and of its ensemble) over the best classical filter — tuned, or the fitted linear one and
+    its ensemble — and over nothing."""
     s = result["settings"]
     lines = [
         f"kernel{' ' + title if title else ''}: {s['generator'] or 'config generator'} width {s['width']} "
@@ -544,13 +547,15 @@ def format_kernel(result: dict[str, Any], title: str = "") -> str:
         f"trained {result['train_s']:.0f} s; "
         f"window {result['window_hu']} HU; body = {100 * result['body_fraction']:.0f} % of the test half"
         + "".join(f"; {o}" for o in s.get("extra", ())),
-        f"{'direction':<10}{'method':<54}{'PSNR all':>9}{'PSNR body':>10}{'MAE body':>9}{'SSIM body':>10}",
+        f"{'direction':<10}{'method':<54}{'PSNR all':>9}{'PSNR body':>10}{'MAE body':>9}{'SSIM body':>10}"
+        f"{'RMSE all, HU, no window':>25}",
     ]
     for direction in dict.fromkeys(r["direction"] for r in result["rows"]):
         rows = [r for r in result["rows"] if r["direction"] == direction]
         for r in rows:
             lines.append(f"{direction:<10}{r['method']:<54}{r['psnr_all']:>9.2f}{r['psnr_body']:>10.2f}"
-                         f"{r['mae_body']:>9.2f}{r['ssim_body']:>10.4f}")  # fmt: skip
+                         f"{r['mae_body']:>9.2f}{r['ssim_body']:>10.4f}"
+                         f"{r['rmse_hu_all']:>25.2f}")  # fmt: skip
         nothing = rows[0]["psnr_body"]
         models = [r for r in rows if r["method"].startswith("model")]
         best = max((r for r in rows[1:] if r not in models), key=lambda r: r["psnr_body"])

@@ -114,6 +114,8 @@ def test_kernel_experiment_toy(phantom_pair, tmp_path: Path) -> None:
     test_mask = ct_body(smooth[32:])
     nothing = rows[0]["psnr_body"]
     assert np.isclose(nothing, _psnr(smooth[32:], sharp[32:], -900, 400, test_mask))  # the held-out half
+    hu_error = np.sqrt(np.mean((smooth[32:].astype(np.float64) - sharp[32:]) ** 2))  # no window, every voxel
+    assert np.isclose(rows[0]["rmse_hu_all"], hu_error) and hu_error > rows[0]["rmse_all"]
     for direction in (rows[:9], rows[9:]):
         psnr = [r["psnr_body"] for r in direction]
         assert psnr[1] > psnr[0]  # tuned filter beats nothing
