@@ -28,7 +28,8 @@ filter in a direction below it) and ``last.pt`` are each tested smooth→sharp (
 (inverse) with `infer`'s default windows (``--kernel-tiling thesis``: patch/2 centres) against doing nothing
 (the input as prediction), an in-plane unsharp mask (smooth→sharp) and Gaussian blur (sharp→smooth) whose
 sigma / amount are grid-searched on the TRAINING half, metrics in the nlst window [-900, 400] HU, over the
-whole test half and over the body (> −500 HU, largest component, holes filled per slice: the lungs are in).
+whole test half and over the body (> −500 HU, holes filled per slice, largest component: the lungs are in),
+and the whole half's RMSE in HU without the window (whose edges clip away errors where the target is clipped).
 ``--ensemble`` also tests each model's flip self-ensemble (``infer --ensemble``), the fitted filter's
 included; ``--kernel-set KEY=VALUE`` adds config overrides. Targets: model ≥ 0.5 dB above the best classical
 filter — the tuned one, or the fitted linear filter (and its ensemble) when tested — and ≥ 3 dB above doing
