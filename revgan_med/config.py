@@ -39,6 +39,9 @@ class DataConfig:
     foreground_fraction: float = 0.01
     factors: list[int] = field(default_factory=lambda: list(DEFAULT_FACTORS))  # super-resolution x, y, z
     upsample: str = field(default="nearest", metadata=_choices(*UPSAMPLE_MODES))
+    # random mirror images of each training patch along every axis and, where patch and factors are
+    # square in-plane, quarter turns in-plane (CT only: DTI components would have to turn with them)
+    augment: bool = False
     num_workers: int = 2
 
 
@@ -247,6 +250,9 @@ def _check_values(config: Config) -> None:
     if not 0 <= config.data.foreground_fraction <= 1:
         raise ConfigError(f"config key 'data.foreground_fraction': {config.data.foreground_fraction!r} "
                           "must lie in [0, 1]")  # fmt: skip
+    if config.data.augment and config.task == "dmri-sr":
+        raise ConfigError("config key 'data.augment': not for dmri-sr (mirroring the volume would also have "
+                          "to change the signs of the diffusion tensor's off-diagonal components)")
     if config.loss.lambda_inverse < 0:
         raise ConfigError(f"config key 'loss.lambda_inverse': {config.loss.lambda_inverse!r} must be >= 0")
     for key in _PAIRED_ONLY_LOSS_KEYS:  # away from their defaults only where the paired objective uses them

@@ -97,6 +97,7 @@ def test_values_no_run_can_use_are_refused_naming_the_key(override, key):
         (["loss.pixel=l2"], r"'loss\.pixel'.*not one of l1, mse"),
         (["objective=unpaired", "loss.region=body"], r"'loss\.region'.*'unpaired'"),
         (["loss.region=lungs"], r"'loss\.region'.*not one of all, body"),
+        (["task=dmri-sr", "data.augment=true"], r"'data\.augment'.*dmri-sr.*diffusion tensor"),
     ],
 )
 def test_settings_the_objective_or_task_cannot_honour_are_refused(overrides, message):

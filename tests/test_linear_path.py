@@ -425,3 +425,17 @@ def test_train_on_the_body_region_fits_the_paths_there(tmp_path):
         fits[region] = load_checkpoint(last)["models"]["generator"]["lin_y.weight"]
     assert fits["body"].abs().sum() > 0
     assert (fits["body"] - fits["all"]).abs().max() > 1e-3
+
+
+def test_train_augments_the_patches_on_request(tmp_path):
+    """``data.augment`` reaches the training patches end to end: the least-squares start fitted on the
+    same (seeded) patches, mirrored and turned, is another filter; without it, the same one."""
+    datalist = write_kernel_datalist(tmp_path / "data")
+    overrides = ("model.residual=true", "model.linear_kernel=[5,5,1]", "loss.gan=none", "train.lr=0",
+                 "train.linear_fit_batches=2", "train.steps=1")  # fmt: skip
+    fits = {}
+    for name, augment in (("plain", "false"), ("again", "false"), ("augmented", "true")):
+        last = train(tiny_config(datalist, *overrides, f"data.augment={augment}"), tmp_path / name)
+        fits[name] = load_checkpoint(last)["models"]["generator"]["lin_y.weight"]
+    torch.testing.assert_close(fits["again"], fits["plain"], atol=0, rtol=0)
+    assert (fits["augmented"] - fits["plain"]).abs().max() > 1e-3

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from revgan_med.data.datasets import PatchDataset, load_case, load_datalist
+from revgan_med.data.datasets import PatchDataset, dihedral, load_case, load_datalist
 from revgan_med.data.degradation import thick_slice
 from revgan_med.data.sampling import crop, ct_body, pad_to_size, sample_origin
 from revgan_med.data.transforms import CTWindow
@@ -145,6 +145,53 @@ def test_streams_are_deterministic_per_seed_epoch_and_index(tmp_path):
     assert any(not torch.equal(x, y) for x, y in zip(first, second, strict=True))
     c = _dataset([case], seed=5)
     assert any(not torch.equal(c[i]["target"], first[i]) for i in range(len(c)))
+
+
+def test_dihedral_by_hand():
+    """In-plane [[a, b], [c, d]] (x down, y across): mirrored along x [[c, d], [a, b]]; a quarter turn
+    from x towards y [[b, d], [a, c]]; a mirror along z reverses the slices."""
+    patch = np.array([[1, 2], [3, 4]], np.float32)[None, :, :, None]
+    np.testing.assert_array_equal(dihedral(patch, [True, False, False], 0)[0, :, :, 0], [[3, 4], [1, 2]])
+    np.testing.assert_array_equal(dihedral(patch, [False, False, False], 1)[0, :, :, 0], [[2, 4], [1, 3]])
+    np.testing.assert_array_equal(dihedral(patch, [True, False, False], 1)[0, :, :, 0], [[4, 2], [3, 1]])
+    slices = np.arange(3, dtype=np.float32).reshape(1, 1, 1, 3)
+    np.testing.assert_array_equal(dihedral(slices, [False, False, True], 2)[0, 0, 0], [2, 1, 0])
+
+
+def _variants(patch, turns):
+    """Every mirror image (along any of the 3 axes) of `patch`, turned 0 … turns-1 quarter turns."""
+    out = []
+    for fx in (False, True):
+        for fy in (False, True):
+            for fz in (False, True):
+                p = patch[:, ::-1] if fx else patch
+                p = p[:, :, ::-1] if fy else p
+                p = p[:, :, :, ::-1] if fz else p
+                out += [np.rot90(p, k, axes=(1, 2)) for k in range(turns)]
+    return out
+
+
+@pytest.mark.parametrize("patch, turns", [((8, 8, 4), 4), ((8, 4, 8), 1)])
+def test_augmented_patches_are_the_plain_ones_mirrored_and_turned_alike(tmp_path, patch, turns):
+    """Each augmented item is its unaugmented patch in one of the 32 symmetries of a square-in-plane box
+    (8 without turns where the patch is not square in-plane), the same one for input, target and body."""
+    body = np.zeros((24, 24, 24), bool)
+    body[2:22, 4:20, 3:21] = True
+    case = _block_coded_case(tmp_path / "a", (24, 24, 24), body=body)
+    plain = _dataset([case], patch_size=patch, samples_per_volume=24, body=True)
+    augmented = _dataset([case], patch_size=patch, samples_per_volume=24, body=True, augment=True)
+    seen = set()
+    for index in range(len(plain)):
+        item, reference = augmented[index], plain[index]
+        assert item["target"].shape == item["body"].shape == (1, *patch)
+        variants = {key: _variants(reference[key].numpy(), turns) for key in ("image", "target", "body")}
+        matches = [k for k in range(8 * turns)
+                   if all(np.array_equal(variants[key][k], item[key]) for key in variants)]  # fmt: skip
+        assert matches, f"item {index} is no mirror image or quarter turn of its plain patch"
+        seen.add(matches[0])
+    assert len(seen) >= 5  # the 24 items drew many different symmetries, not always the identity
+    with pytest.raises(ValueError, match="CT only"):
+        _dataset([case], task="dmri-sr", augment=True)
 
 
 def test_small_volumes_are_padded_and_unpaired_sampling_mixes_cases(tmp_path):

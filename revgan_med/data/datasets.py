@@ -149,7 +149,9 @@ class PatchDataset(Dataset):
     reproducible (resumable, shardable) streams. Patches with less than `foreground_fraction`
     foreground are skipped. `paired=False` draws the target from an independent random case and
     location (CycleGAN-style unpaired sampling). `body` (paired only) adds ``"body"``, (1, D, H, W) bool:
-    the target patch's anatomy (`load_case`), where ``loss.region: body`` trains.
+    the target patch's anatomy (`load_case`), where ``loss.region: body`` trains. `augment` mirrors each
+    item's patches along random axes and, where patch and `factors` are square in-plane, turns them by a
+    random quarter turn in-plane (`dihedral`); CT only.
     """
 
     def __init__(
@@ -165,6 +167,7 @@ class PatchDataset(Dataset):
         upsample: str,
         paired: bool = True,
         body: bool = False,
+        augment: bool = False,
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
@@ -182,6 +185,10 @@ class PatchDataset(Dataset):
         if body and not paired:
             raise ValueError("PatchDataset: a body mask needs paired patches")
         self.paired, self.seed = paired, int(seed)
+        if augment and task == "dmri-sr":
+            raise ValueError("PatchDataset: augment mirrors CT only (DTI components would change sign)")
+        square = self.patch_size[0] == self.patch_size[1] and factors[0] == factors[1]
+        self.augment, self.quarter_turns = bool(augment), square
         # shared memory: persistent loader workers see `set_epoch` without being re-forked
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         load = _LoadPadded(self.patch_size, task=task, intensity_or_window=intensity_or_window,
@@ -223,4 +230,16 @@ class PatchDataset(Dataset):
             patches["image"], _ = self._patch(case, "image", "image_mask", rng)
             other = self.cases[int(rng.integers(len(self.cases)))]
             patches["target"], _ = self._patch(other, "target", "mask", rng)
+        if self.augment:  # drawn after the patch origins: the same patches as without augmentation
+            flips, turns = rng.random(3) < 0.5, int(rng.integers(4)) if self.quarter_turns else 0
+            patches = {key: dihedral(patch, flips, turns) for key, patch in patches.items()}
         return {key: torch.from_numpy(np.ascontiguousarray(patch)) for key, patch in patches.items()}
+
+
+def dihedral(patch: np.ndarray, flips: Sequence[bool], turns: int) -> np.ndarray:
+    """`patch` (C, X, Y, Z) mirrored along the spatial axes where `flips` is true, then turned `turns`
+    quarter turns in the x-y plane. With the item's own generator, not MONAI's RandFlipd / RandRotate90d,
+    whose random state is the transform's: the item's (seed, epoch, index) stream keeps augmented patches
+    reproducible, resumable and identical for image, target and mask."""
+    axes = [axis + 1 for axis, flip in enumerate(flips) if flip]
+    return np.rot90(np.flip(patch, axis=axes) if axes else patch, turns, axes=(1, 2))

@@ -217,6 +217,7 @@ def _training_dataset(config: Config, intensity: Any, context: DistributedContex
         upsample=data.upsample,
         paired=OBJECTIVES.get(config.objective).paired_data,
         body=config.loss.region == "body",
+        augment=data.augment,
         seed=config.train.seed + 7919 * context.rank,  # ranks sharing a case draw other patches
         num_workers=data.num_workers,
     )
