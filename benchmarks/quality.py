@@ -31,7 +31,8 @@ sigma / amount are grid-searched on the TRAINING half, metrics in the nlst windo
 whole test half and over the body (> −500 HU, holes filled per slice, largest component: the lungs are in),
 and the whole half's RMSE in HU without the window (whose edges clip away errors where the target is clipped).
 ``--ensemble`` also tests each model's flip self-ensemble (``infer --ensemble``), the fitted filter's
-included; ``--kernel-set KEY=VALUE`` adds config overrides. Targets: model ≥ 0.5 dB above the best classical
+included: what ``infer`` writes by default for this config (``infer.ensemble: true``);
+``--kernel-set KEY=VALUE`` adds config overrides. Targets: model ≥ 0.5 dB above the best classical
 filter — the tuned one, or the fitted linear filter (and its ensemble) when tested — and ≥ 3 dB above doing
 nothing, both directions, each pair. A second table splits each method's body RMSE by decile of the input's
 in-plane gradient (flat tissue … strong edges): where a model wins or loses, and how much any model could

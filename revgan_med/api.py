@@ -44,15 +44,16 @@ def _volume(volume: str | Path | np.ndarray, affine: np.ndarray | None) -> tuple
 def translate(
     model: Model, volume: str | Path | np.ndarray, affine: np.ndarray | None = None, *,
     direction: str = "forward", output: str | Path | None = None, error_map: bool = False,
-    ensemble: bool = False, **options: Any,
+    ensemble: bool | None = None, **options: Any,
 ) -> Translation:  # fmt: skip
     """Translate a scan (a NIfTI file / DICOM folder, or an (x, y, z[, c]) array with its affine).
 
     `direction` ``forward`` (X→Y: thick→thin slices, smooth→sharp kernel) or ``inverse``; `options`
     as `revgan_med.inference.infer_volume`. `output` also writes the result (NIfTI, labelled derived).
-    `ensemble` returns the mean over the input as given, mirrored and x/y-swapped (``infer --ensemble``);
-    `error_map` is the spread of the same predictions.
+    `ensemble` returns the mean over the input as given, mirrored and x/y-swapped (``infer --ensemble``;
+    None: the checkpoint's ``infer.ensemble``); `error_map` is the spread of the same predictions.
     """
+    ensemble = model.ensemble if ensemble is None else ensemble
     array, grid = _volume(volume, affine)
     result = infer_volume(model, array, grid, direction=direction, **options)
     out = Translation(result.array, result.affine)

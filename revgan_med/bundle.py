@@ -45,7 +45,7 @@ class BundlePipeline:
     """``pipeline(input_path, output_path)``: `revgan_med.inference_files.infer_path`, bundle network.
 
     `spec` holds what `revgan_med.checkpoints.Model` needs besides the network (task, intensity,
-    patch_size, factors, upsample, target_size, context_size, batch_size, name); the margin around
+    patch_size, factors, upsample, target_size, context_size, batch_size, ensemble, name); the margin around
     each target window is the network's receptive radius, as in ``revgan-med infer``.
     """
 
@@ -58,7 +58,7 @@ class BundlePipeline:
             patch_size=tuple(spec["patch_size"]), factors=tuple(spec["factors"]), upsample=spec["upsample"],
             target_size=spec["target_size"], context_size=spec.get("context_size"),
             margin=radius() if radius is not None else DEFAULT_MARGIN, batch_size=spec["batch_size"],
-            name=spec["name"], device=torch.device(device),
+            ensemble=spec.get("ensemble", False), name=spec["name"], device=torch.device(device),
         )  # fmt: skip
 
     def __call__(self, input_path: str | Path, output_path: str | Path) -> Path:
@@ -85,7 +85,7 @@ def inference_config(payload: dict[str, Any]) -> dict[str, Any]:
         "patch_size": list(task_spec.patch_size), "factors": list(task_spec.factors),
         "upsample": task_spec.upsample, "target_size": config.infer.target_size,
         "context_size": config.infer.context_size, "batch_size": config.infer.batch_size,
-        "name": f"{m.generator} {task_spec.task}",
+        "ensemble": config.infer.ensemble, "name": f"{m.generator} {task_spec.task}",
     }  # fmt: skip
     return {
         "imports": [

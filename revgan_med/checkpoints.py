@@ -148,7 +148,8 @@ class Model:
     `generator` has ``forward`` (X→Y) and ``inverse`` (Y→X) on (B, C, X, Y, Z) in network units;
     `intensity` is the mapping's ``to_dict()``; `patch_size` the training patch; `target_size` /
     `context_size` the checkpoint's windows (None: `revgan_med.tiling.window_sizes`); `margin` the
-    generator's receptive radius, kept around every target window.
+    generator's receptive radius, kept around every target window; `ensemble` whether its outputs are
+    the flip self-ensemble unless the caller says otherwise (``infer.ensemble``).
     """
 
     generator: torch.nn.Module
@@ -161,6 +162,7 @@ class Model:
     context_size: int | Sequence[int] | None = None
     margin: int = DEFAULT_MARGIN
     batch_size: int = 1
+    ensemble: bool = False
     name: str = "model"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
@@ -182,6 +184,7 @@ def model_from_checkpoint(payload: dict[str, Any], device: torch.device) -> Mode
         context_size=config.infer.context_size,
         margin=radius() if radius is not None else DEFAULT_MARGIN,
         batch_size=config.infer.batch_size,
+        ensemble=config.infer.ensemble,
         name=f"{config.model.generator} {spec.task}",
         device=device,
     )

@@ -112,6 +112,9 @@ class InferConfig:
     target_size: int | list[int] | None = None
     context_size: int | list[int] | None = None
     batch_size: int = 1
+    # the flip self-ensemble (mean over the input as given, mirrored and x/y-swapped; 4-5x the time) by
+    # default, for `infer`, the Python API and exported bundles; `infer --no-ensemble` turns it off
+    ensemble: bool = False
 
 
 @dataclass
@@ -250,6 +253,9 @@ def _check_values(config: Config) -> None:
     if not 0 <= config.data.foreground_fraction <= 1:
         raise ConfigError(f"config key 'data.foreground_fraction': {config.data.foreground_fraction!r} "
                           "must lie in [0, 1]")  # fmt: skip
+    if config.infer.ensemble and config.task == "dmri-sr":
+        raise ConfigError("config key 'infer.ensemble': not for dmri-sr (the flip ensemble averages scalar "
+                          "volumes; a mirrored diffusion tensor's components would change sign)")
     if config.data.augment and config.task == "dmri-sr":
         raise ConfigError("config key 'data.augment': not for dmri-sr (mirroring the volume would also have "
                           "to change the signs of the diffusion tensor's off-diagonal components)")

@@ -169,6 +169,8 @@ def model_card(payload: dict[str, Any], *, licence: str | None = None) -> dict[s
         "factors": list(spec.factors),
         "upsample": spec.upsample,
         "patch_size": list(spec.patch_size),
+        # what `infer` writes unless told otherwise (the validation scores are single passes)
+        "output": "flip self-ensemble (5 passes)" if config.infer.ensemble else "one pass",
         "steps": int(payload.get("step", 0)),
         "best_validation": payload.get("best_metric") if _finite(payload) else "none (no validation run)",
         "training_data": training_data_summary(config.data.datalist),

@@ -52,7 +52,7 @@ def infer_path(
     consistency_map: str | Path | None = None,
     map_kind: str = "cycle",
     tilt: str = "correct",
-    ensemble: bool = False,
+    ensemble: bool | None = None,
     **options: Any,
 ) -> dict[str, float] | None:
     """Read a NIfTI file or DICOM series, `infer_volume(**options)`, write the result atomically.
@@ -67,7 +67,8 @@ def infer_path(
     `revgan_med.errormap.flip_disagreement` (``flips``); its summary (`consistency_summary`) is
     returned. `ensemble` writes the mean of the predictions for the input as given, mirrored along
     each axis and x/y-swapped (`flip_predictions`, 4–5× the time) instead of the plain prediction; the
-    error map is then their spread around that mean. Never writes over or inside the input.
+    error map is then their spread around that mean; None: the model's `ensemble` (its checkpoint's
+    ``infer.ensemble``). Never writes over or inside the input.
     """
     input_path, output_path = Path(input_path), Path(output_path)
     if output_format not in ("nifti", "dicom"):
@@ -89,6 +90,7 @@ def infer_path(
     if min(array.shape[:3]) < 2:
         raise ValueError(f"{input_path}: a 2D image (shape {array.shape}); infer needs a 3D volume")
     direction = options.get("direction", "forward")
+    ensemble = model.ensemble if ensemble is None else ensemble
     if map_kind not in ("cycle", "flips"):
         raise ValueError(f"map kind {map_kind!r}: expected cycle or flips")
     cycle = consistency_map is not None and map_kind == "cycle"

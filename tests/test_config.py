@@ -98,6 +98,7 @@ def test_values_no_run_can_use_are_refused_naming_the_key(override, key):
         (["objective=unpaired", "loss.region=body"], r"'loss\.region'.*'unpaired'"),
         (["loss.region=lungs"], r"'loss\.region'.*not one of all, body"),
         (["task=dmri-sr", "data.augment=true"], r"'data\.augment'.*dmri-sr.*diffusion tensor"),
+        (["task=dmri-sr", "infer.ensemble=true"], r"'infer\.ensemble'.*dmri-sr.*scalar"),
     ],
 )
 def test_settings_the_objective_or_task_cannot_honour_are_refused(overrides, message):

@@ -38,9 +38,10 @@ class ShiftX(torch.nn.Module):
         return y
 
 
-def _model(generator: torch.nn.Module, factors=(1, 1, 1)) -> Model:
+def _model(generator: torch.nn.Module, factors=(1, 1, 1), ensemble: bool = False) -> Model:
     task = "ct-sr" if max(factors) > 1 else "ct-kernel"
-    return Model(generator, task, dict(WINDOW), (16, 16, 16), factors=factors, target_size=8)
+    return Model(generator, task, dict(WINDOW), (16, 16, 16), factors=factors, target_size=8,
+                 ensemble=ensemble)
 
 
 def test_calibration_matches_hand_computed_values(rng: np.random.Generator) -> None:
@@ -102,21 +103,61 @@ def test_the_flip_ensemble_averages_the_five_hand_computed_predictions(tmp_path:
     save_volume(array, np.eye(4), scan)
     infer_path(model, scan, out, ensemble=True)
     np.testing.assert_allclose(load_volume(out)[0], expected, atol=1e-3)
+    # a model whose checkpoint asks for the ensemble (infer.ensemble) gets it unless the caller says no
+    by_default = _model(ShiftX(), ensemble=True)
+    shifted = np.concatenate([array[:1], array[:-1]])  # the plain ShiftX output: the step at x = 11
+    np.testing.assert_allclose(translate(by_default, array, np.eye(4)).array, expected, atol=1e-3)
+    np.testing.assert_allclose(translate(by_default, array, np.eye(4), ensemble=False).array, shifted)
+    infer_path(by_default, scan, tmp_path / "default.nii.gz")
+    np.testing.assert_allclose(load_volume(tmp_path / "default.nii.gz")[0], expected, atol=1e-3)
+    np.testing.assert_allclose(translate(model, array, np.eye(4)).array, shifted)  # and without it, not
 
 
-def test_infer_and_evaluate_error_map_cli(tmp_path: Path, capsys) -> None:
+def _untrained_checkpoint(path: Path, *overrides: str) -> Path:
+    """An untrained rev_srcnn3d kernel checkpoint (width 4, seed 0: not flip-equivariant) at `path`."""
     from revgan_med.checkpoints import save_checkpoint
-    from revgan_med.cli import main
     from revgan_med.config import config_from_dict
     from revgan_med.networks import build_generator
 
     config = config_from_dict({"task": "ct-kernel", "data": {"patch_size": [16, 16, 16]},
-                               "model": {"generator": "rev_srcnn3d", "width": 4, "depth": 1}})  # fmt: skip
+                               "model": {"generator": "rev_srcnn3d", "width": 4, "depth": 1}},
+                              overrides)  # fmt: skip
     torch.manual_seed(0)
     generator = build_generator("rev_srcnn3d", in_channels=1, out_channels=1, width=4, depth=1)
     payload = {"config": config.to_dict(), "intensity": dict(WINDOW), "step": 0,
                "models": {"generator": generator.state_dict()}}  # fmt: skip
-    checkpoint = save_checkpoint(tmp_path / "model.pt", payload)
+    return save_checkpoint(path, payload)
+
+
+def test_infer_uses_the_checkpoints_ensemble_default_and_says_so(tmp_path: Path, capsys) -> None:
+    """``infer.ensemble: true`` in the checkpoint: ``infer`` writes what ``--ensemble`` writes and says
+    so on stderr; ``--no-ensemble`` writes the plain output of a checkpoint without the key."""
+    from revgan_med.cli import main
+
+    on = _untrained_checkpoint(tmp_path / "on.pt", "infer.ensemble=true")
+    off = _untrained_checkpoint(tmp_path / "off.pt")
+    scan = tmp_path / "scan.nii.gz"
+    volume = (np.random.default_rng(0).normal(size=(16, 16, 16)) * 200).astype(np.float32)
+    save_volume(volume, np.eye(4), scan)
+    outputs = {}
+    for name, checkpoint, flag in (("default", on, []), ("no", on, ["--no-ensemble"]),
+                                   ("plain", off, []), ("asked", off, ["--ensemble"])):  # fmt: skip
+        outputs[name] = tmp_path / f"{name}.nii.gz"
+        argv = ["infer", "--checkpoint", str(checkpoint), "-i", str(scan), "-o", str(outputs[name])]
+        assert main([*argv, "--device", "cpu", *flag]) == 0
+        said = "flip ensemble on" in capsys.readouterr().err
+        assert said == (name == "default"), name
+    arrays = {name: load_volume(path)[0] for name, path in outputs.items()}
+    np.testing.assert_allclose(arrays["default"], arrays["asked"], atol=1e-4)
+    np.testing.assert_allclose(arrays["no"], arrays["plain"], atol=1e-4)
+    assert not np.allclose(arrays["default"], arrays["plain"])
+    assert b"flip-ensemble" in nib.load(outputs["default"]).header["descrip"].tobytes()
+
+
+def test_infer_and_evaluate_error_map_cli(tmp_path: Path, capsys) -> None:
+    from revgan_med.cli import main
+
+    checkpoint = _untrained_checkpoint(tmp_path / "model.pt")
     rng = np.random.default_rng(0)
     scan, reference = tmp_path / "scan.nii.gz", tmp_path / "ref.nii.gz"
     save_volume((rng.normal(size=(16, 16, 16)) * 200).astype(np.float32), np.eye(4), scan)

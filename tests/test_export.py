@@ -50,6 +50,7 @@ def test_model_file_is_small_runs_like_the_checkpoint_and_is_refused_by_resume(
     payload = torch.load(model, weights_only=True)
     card = payload["card"]
     assert card["licence"] == "CC-BY-4.0" and card["steps"] == 6 and card["task"] == "ct-kernel"
+    assert card["output"] == "one pass"  # the tiny config leaves infer.ensemble off
     assert card["training_data"]["cases"] == 1 and card["training_data"]["voxel_spacings_mm"] == [
         [1.5, 1.5, 2.0]
     ]
@@ -154,6 +155,33 @@ def test_monai_bundle_reproduces_infer_both_directions(run: Path, scan: Path, tm
             check=True, capture_output=True,
         )  # fmt: skip
         np.testing.assert_allclose(load_volume(out)[0], load_volume(reference)[0], atol=1e-4 * HU_PER_UNIT)
+
+
+def test_monai_bundle_keeps_the_checkpoints_flip_ensemble(run: Path, scan: Path, tmp_path: Path) -> None:
+    """A checkpoint with ``infer.ensemble: true``: its bundle's pipeline writes what ``infer`` writes by
+    default, which is the flip ensemble (``--ensemble``), not the plain output (``--no-ensemble``)."""
+    from monai.bundle import ConfigParser
+
+    from revgan_med.checkpoints import load_checkpoint, save_checkpoint
+
+    payload = load_checkpoint(run / "checkpoints" / "best.pt")
+    payload["config"]["infer"]["ensemble"] = True
+    checkpoint = save_checkpoint(tmp_path / "ensemble.pt", payload)
+    bundle = tmp_path / "bundle"
+    assert main(["export", "--checkpoint", str(checkpoint), "-o", str(bundle), "--format", "bundle"]) == 0
+    card = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert "flip self-ensemble" in json.dumps(card)
+    outputs = {}
+    for flag in ("--ensemble", "--no-ensemble"):
+        outputs[flag] = tmp_path / f"infer{flag}.nii.gz"
+        assert main(["infer", "--checkpoint", str(checkpoint), "-i", str(scan), "-o", str(outputs[flag]),
+                     "--device", "cpu", flag]) == 0  # fmt: skip
+    parser = ConfigParser()
+    parser.read_config(bundle / "configs" / "inference.json")
+    parser.update({"bundle_root": str(bundle), "device": "$torch.device('cpu')"})
+    mine = load_volume(parser.get_parsed_content("pipeline")(scan, tmp_path / "bundle.nii.gz"))[0]
+    np.testing.assert_allclose(mine, load_volume(outputs["--ensemble"])[0], atol=1e-4 * HU_PER_UNIT)
+    assert not np.allclose(mine, load_volume(outputs["--no-ensemble"])[0], atol=1e-2 * HU_PER_UNIT)
 
 
 def test_vendor_and_kernel_from_dicom_headers_and_sidecars(shared_data: Path, tmp_path: Path) -> None:

@@ -257,7 +257,8 @@ def _infer(device: Any, model: Any, shape: tuple[int, ...], work: Path) -> dict[
     peak = ""
     if device.type == "cuda":
         peak = f", peak GPU {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
-    return _row("infer", True, f"{'x'.join(map(str, shape))}: {seconds:.1f} s{peak}")
+    passes = " (flip ensemble: 5 passes)" if model.ensemble else ""  # the checkpoint's infer.ensemble
+    return _row("infer", True, f"{'x'.join(map(str, shape))}: {seconds:.1f} s{passes}{peak}")
 
 
 def _tail(text: str) -> str:

@@ -71,9 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "input mirrored along each axis and x/y swapped; 4-5x the inference time (see README, Error map)",
     )  # fmt: skip
     parser.add_argument(
-        "--ensemble", action="store_true",
+        "--ensemble", action=argparse.BooleanOptionalAction, default=None,
         help="write the mean of the outputs for the input as given, mirrored along each axis and x/y "
-        "swapped (geometric self-ensemble; 4-5x the inference time; see README)",
+        "swapped (geometric self-ensemble; 4-5x the inference time; see README). Default: the "
+        "checkpoint's infer.ensemble (on for configs/ct_kernel_paired.yaml)",
     )  # fmt: skip
     parser.add_argument(
         "--consistency-map", help="write |G(F(x)) - x| per voxel (NIfTI) and print its summary"
@@ -125,6 +126,10 @@ def run(args: argparse.Namespace) -> int:
     from revgan_med.inference_files import infer_inputs
 
     model = load_model(args.checkpoint, device=args.device)
+    ensemble = model.ensemble if args.ensemble is None else args.ensemble
+    if ensemble and args.ensemble is None:  # on by the checkpoint's infer.ensemble: say so, and the cost
+        print("flip ensemble on (the checkpoint's infer.ensemble; --no-ensemble: one pass, 4-5x faster)",
+              file=sys.stderr)  # fmt: skip
     report = infer_inputs(
         model,
         args.input,
@@ -140,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         amp=args.amp,
         keep_out_of_window=args.keep_out_of_window,
         tilt=args.tilt,
-        ensemble=args.ensemble,
+        ensemble=ensemble,
     )
     for source, output, summary in report.done:
         line = f"{source} -> {output}"
