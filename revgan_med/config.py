@@ -233,6 +233,7 @@ _AT_LEAST = {
 }  # fmt: skip
 _TRIPLES = ("data.patch_size", "data.factors")
 _PAIRED_ONLY_LOSS_KEYS = ("pixel", "region", "lambda_inverse")  # no other objective reads these
+_MIRRORING_KEYS = ("data.augment", "infer.ensemble")  # CT only
 
 
 def _check_values(config: Config) -> None:
@@ -253,12 +254,10 @@ def _check_values(config: Config) -> None:
     if not 0 <= config.data.foreground_fraction <= 1:
         raise ConfigError(f"config key 'data.foreground_fraction': {config.data.foreground_fraction!r} "
                           "must lie in [0, 1]")  # fmt: skip
-    if config.infer.ensemble and config.task == "dmri-sr":
-        raise ConfigError("config key 'infer.ensemble': not for dmri-sr (the flip ensemble averages scalar "
-                          "volumes; a mirrored diffusion tensor's components would change sign)")
-    if config.data.augment and config.task == "dmri-sr":
-        raise ConfigError("config key 'data.augment': not for dmri-sr (mirroring the volume would also have "
-                          "to change the signs of the diffusion tensor's off-diagonal components)")
+    for key in _MIRRORING_KEYS:
+        if get(key) and config.task == "dmri-sr":
+            raise ConfigError(f"config key {key!r}: not for dmri-sr (it mirrors volumes, which suits "
+                              "scalar volumes only: a mirrored diffusion tensor's components change sign)")
     if config.loss.lambda_inverse < 0:
         raise ConfigError(f"config key 'loss.lambda_inverse': {config.loss.lambda_inverse!r} must be >= 0")
     for key in _PAIRED_ONLY_LOSS_KEYS:  # away from their defaults only where the paired objective uses them

@@ -18,6 +18,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from revgan_med.checkpoints import Model
+from revgan_med.data.sampling import xy_alike
 from revgan_med.evaluation import match_cases
 from revgan_med.inference import infer_volume
 from revgan_med.io import load_volume
@@ -42,7 +43,7 @@ def tta_transforms(factors: Sequence[int], patch_size: Sequence[int]) -> dict[st
     for axis, name in enumerate("xyz"):
         flip = lambda a, ax=axis: np.flip(a, ax).copy()  # noqa: E731
         transforms[f"flip_{name}"] = (flip, flip)
-    if factors[0] == factors[1] and patch_size[0] == patch_size[1]:
+    if xy_alike(factors, patch_size):
         transforms["swap_xy"] = (_swap_xy, _swap_xy)
     return transforms
 

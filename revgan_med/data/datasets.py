@@ -18,7 +18,7 @@ from monai.transforms import Transform
 from torch.utils.data import Dataset
 
 from revgan_med.data.degradation import input_support, upsample_to_hr
-from revgan_med.data.sampling import crop, ct_body, ct_foreground, pad_to_size, sample_origin
+from revgan_med.data.sampling import crop, ct_body, ct_foreground, pad_to_size, sample_origin, xy_alike
 from revgan_med.data.transforms import (
     CTWindow,
     DTIScale,
@@ -187,8 +187,7 @@ class PatchDataset(Dataset):
         self.paired, self.seed = paired, int(seed)
         if augment and task == "dmri-sr":
             raise ValueError("PatchDataset: augment mirrors CT only (DTI components would change sign)")
-        square = self.patch_size[0] == self.patch_size[1] and factors[0] == factors[1]
-        self.augment, self.quarter_turns = bool(augment), square
+        self.augment, self.quarter_turns = bool(augment), xy_alike(factors, self.patch_size)
         # shared memory: persistent loader workers see `set_epoch` without being re-forked
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         load = _LoadPadded(self.patch_size, task=task, intensity_or_window=intensity_or_window,

@@ -39,6 +39,12 @@ def ct_body(hu: np.ndarray) -> np.ndarray:
     return labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
 
 
+def xy_alike(factors: Sequence[int], patch_size: Sequence[int]) -> bool:
+    """Whether a model sees x and y alike (same factor, same patch side), so that swapping or turning
+    them in-plane is a symmetry of its task: training augmentation and the flip ensemble use it."""
+    return factors[0] == factors[1] and patch_size[0] == patch_size[1]
+
+
 def pad_to_size(array: np.ndarray, size: Sequence[int], *, value: float = 0.0) -> np.ndarray:
     """Pad the last three axes at their end to at least `size` with `value` (keeps the origin voxel)."""
     spatial = array.shape[-3:]
