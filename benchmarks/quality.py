@@ -84,7 +84,7 @@ from revgan_med.errormap import flip_predictions
 from revgan_med.evaluation import baseline_volume, compute_metrics
 from revgan_med.inference import infer_volume, load_model
 from revgan_med.io import load_volume, save_volume
-from revgan_med.networks.linear import LinearPath
+from revgan_med.networks.linear import BLUR_SIGMAS, UNSHARP_AMOUNTS, LinearPath
 from revgan_med.tasks import DEFAULT_FACTORS, DEFAULT_WINDOW, METRIC_WINDOWS, UPSAMPLE_MODES, WINDOWS
 from revgan_med.training.loop import train
 
@@ -93,9 +93,6 @@ FACTORS = DEFAULT_FACTORS
 SR_WINDOW = WINDOWS[DEFAULT_WINDOW]
 KERNEL_WINDOW = WINDOWS[METRIC_WINDOWS["ct-kernel"]]  # the window validation and `evaluate` score kernels in
 KERNEL_CONFIG = "ct_kernel_paired.yaml"  # the packaged kernel config the experiment trains
-# filter grids; a sharp kernel is close to a high-gain Laplacian (small sigma, large amount)
-SIGMAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.5, 3.0)  # in-plane, voxels
-AMOUNTS = tuple(0.25 * 2 ** (k / 2) for k in range(17))  # unsharp-mask gain 0.25 … 64
 # more shared CTs for sr training. Not: the sr test scans; the kernel pairs' B/L chest (20 slices of 5 mm,
 # thinner than a 32-voxel patch); the head phantom (a plastic head at 0.45 mm in-plane: training on it
 # as well lowered both test scores, see benchmarks/README.md)
@@ -357,8 +354,9 @@ def unsharp(hu: np.ndarray, sigma: float, amount: float) -> np.ndarray:
 
 
 def tune_filters(smooth: np.ndarray, sharp: np.ndarray, mask: np.ndarray) -> dict[str, dict[str, float]]:
-    """Grid search, by PSNR in the nlst window over `mask`, of the unsharp mask smooth→sharp and the
-    Gaussian blur sharp→smooth → ``{"unsharp": {sigma, amount, psnr}, "blur": {sigma, psnr}}``."""
+    """Grid search (the grids `train.linear_start: strongest` chooses from), by PSNR in the nlst window
+    over `mask`, of the unsharp mask smooth→sharp and the Gaussian blur sharp→smooth →
+    ``{"unsharp": {sigma, amount, psnr}, "blur": {sigma, psnr}}``."""
     lo, hi = KERNEL_WINDOW
     ref_sharp, ref_smooth = np.clip(sharp[mask], lo, hi), np.clip(smooth[mask], lo, hi)
 
@@ -366,10 +364,10 @@ def tune_filters(smooth: np.ndarray, sharp: np.ndarray, mask: np.ndarray) -> dic
         mse = np.mean((np.clip(pred[mask], lo, hi) - ref).astype(np.float64) ** 2)
         return float(10 * np.log10((hi - lo) ** 2 / mse))
 
-    blurs = {s: blur(smooth, s) for s in SIGMAS}
+    blurs = {s: blur(smooth, s) for s in BLUR_SIGMAS}
     unsharps = [{"sigma": s, "amount": a, "psnr": psnr(smooth + a * (smooth - blurs[s]), ref_sharp)}
-                for s in SIGMAS for a in AMOUNTS]  # fmt: skip
-    blurs_sharp = [{"sigma": s, "psnr": psnr(blur(sharp, s), ref_smooth)} for s in SIGMAS]
+                for s in BLUR_SIGMAS for a in UNSHARP_AMOUNTS]  # fmt: skip
+    blurs_sharp = [{"sigma": s, "psnr": psnr(blur(sharp, s), ref_smooth)} for s in BLUR_SIGMAS]
     return {
         "unsharp": max(unsharps, key=lambda r: r["psnr"]),
         "blur": max(blurs_sharp, key=lambda r: r["psnr"]),

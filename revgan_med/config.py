@@ -66,6 +66,9 @@ class LossConfig:
     # paired: where the pixel term, the linear paths' least-squares start and the CT validation metrics
     # count, every voxel or only the target's anatomy (CT: `ct_body`, lungs in, couch out; dMRI: brain mask)
     region: str = field(default="all", metadata=_choices("all", "body"))
+    # paired CT: the values the pixel term compares, as the network's data window holds them (`data`) or
+    # clipped to the task's metric window, as its metrics see them (`metric`; ct-kernel: nlst)
+    window: str = field(default="data", metadata=_choices("data", "metric"))
     # paired: weight of the Y → X terms (L1, GAN) against X → Y; 0 trains X → Y only and skips computing
     # Y → X, which halves a step (super-resolution users need thick → thin alone)
     lambda_inverse: float = 1.0
@@ -95,6 +98,10 @@ class TrainConfig:
     # fit those paths mirror-symmetric (and x↔y-symmetric when square in-plane), as reconstruction kernels
     # are: an unconstrained fit also learns the asymmetries of the training anatomy
     linear_fit_symmetric: bool = False
+    # CT paired, residual, with model.linear_kernel: `strongest` starts each direction from the plain input,
+    # a Gaussian blur or an unsharp mask of a grid (`Objective.choose_linear_start`) where one is 1 dB above
+    # the least-squares fit in the task's metric window on the fit batches; `least-squares`: the fit
+    linear_start: str = field(default="least-squares", metadata=_choices("least-squares", "strongest"))
     # > 0: validate, keep as best.pt and infer an exponential moving average of the generator's weights
     # with this decay (warmed up: min(decay, (1 + n) / (10 + n)) at update n); 0: the trained weights
     ema_decay: float = 0.0
@@ -232,7 +239,7 @@ _AT_LEAST = {
     "infer.target_size": 1, "infer.batch_size": 1, "infer.context_size": 1,
 }  # fmt: skip
 _TRIPLES = ("data.patch_size", "data.factors")
-_PAIRED_ONLY_LOSS_KEYS = ("pixel", "region", "lambda_inverse")  # no other objective reads these
+_PAIRED_ONLY_LOSS_KEYS = ("pixel", "region", "window", "lambda_inverse")  # no other objective reads these
 _MIRRORING_KEYS = ("data.augment", "infer.ensemble")  # CT only
 
 
@@ -258,6 +265,13 @@ def _check_values(config: Config) -> None:
         if get(key) and config.task == "dmri-sr":
             raise ConfigError(f"config key {key!r}: not for dmri-sr (it mirrors volumes, which suits "
                               "scalar volumes only: a mirrored diffusion tensor's components change sign)")
+    m = config.model
+    startable = config.objective == "paired" and m.residual and m.linear_kernel and config.task != "dmri-sr"
+    if config.train.linear_start == "strongest" and not startable:
+        raise ConfigError("config key 'train.linear_start': 'strongest' needs a CT task, objective paired, "
+                          "model.residual: true and a model.linear_kernel")
+    if config.loss.window == "metric" and config.task == "dmri-sr":
+        raise ConfigError("config key 'loss.window': 'metric' is for CT tasks; dmri-sr has no metric window")
     if config.loss.lambda_inverse < 0:
         raise ConfigError(f"config key 'loss.lambda_inverse': {config.loss.lambda_inverse!r} must be >= 0")
     for key in _PAIRED_ONLY_LOSS_KEYS:  # away from their defaults only where the paired objective uses them

@@ -13,7 +13,6 @@ from quality import (
     FITTED,
     KERNEL_PAIRS,
     LEAST_SQUARES,
-    SIGMAS,
     TrainSettings,
     blur,
     by_structure,
@@ -33,6 +32,7 @@ from scipy import ndimage
 
 from revgan_med.data.phantom import make_phantom
 from revgan_med.data.sampling import ct_body
+from revgan_med.networks.linear import BLUR_SIGMAS
 
 
 def _psnr(pred: np.ndarray, ref: np.ndarray, lo: float, hi: float, mask: np.ndarray) -> float:
@@ -93,7 +93,7 @@ def test_tuned_filters_beat_doing_nothing_on_the_phantom_pair(phantom_pair) -> N
     tuned = tune_filters(smooth, sharp, mask)
     assert tuned["unsharp"]["psnr"] > _psnr(smooth, sharp, -900, 400, mask) + 0.5
     assert tuned["blur"]["psnr"] > _psnr(sharp, smooth, -900, 400, mask) + 0.5
-    best = max(SIGMAS, key=lambda s: _psnr(blur(sharp, s), smooth, -900, 400, mask))
+    best = max(BLUR_SIGMAS, key=lambda s: _psnr(blur(sharp, s), smooth, -900, 400, mask))
     assert tuned["blur"]["sigma"] == best
 
 

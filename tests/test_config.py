@@ -99,12 +99,19 @@ def test_values_no_run_can_use_are_refused_naming_the_key(override, key):
         (["loss.region=lungs"], r"'loss\.region'.*not one of all, body"),
         (["task=dmri-sr", "data.augment=true"], r"'data\.augment'.*dmri-sr.*diffusion tensor"),
         (["task=dmri-sr", "infer.ensemble=true"], r"'infer\.ensemble'.*dmri-sr.*scalar"),
+        (["task=dmri-sr", "loss.window=metric"], r"'loss\.window'.*dmri-sr has no metric window"),
+        (["objective=unpaired", "loss.window=metric"], r"'loss\.window'.*'unpaired'"),
+        (["train.linear_start=strongest"], r"'train\.linear_start'.*model\.linear_kernel"),
+        (["objective=unpaired", "model.residual=true", "model.linear_kernel=[5,5,1]",
+          "train.linear_start=strongest"], r"'train\.linear_start'.*objective paired"),
     ],
 )
 def test_settings_the_objective_or_task_cannot_honour_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict({}, overrides)
     assert config_from_dict({}, ["loss.lambda_inverse=0"]).loss.lambda_inverse == 0
+    startable = ["model.residual=true", "model.linear_kernel=[5,5,1]", "train.linear_start=strongest"]
+    assert config_from_dict({}, startable).train.linear_start == "strongest"
 
 
 def test_edge_values_that_runs_use_are_accepted():

@@ -46,7 +46,10 @@ def test_thesis_settings():
     # kernel conversion: the network sees the whole scanner range and has linear paths (README, "Differences")
     for name in ("ct_kernel_paired", "ct_kernel_unpaired", "ct_kernel_selfinverse"):
         assert load_config(CONFIGS[0].parent / f"{name}.yaml").data.window == "ct-full"
-    assert load_config(CONFIGS[0].parent / "ct_kernel_paired.yaml").model.linear_kernel == [7, 7, 1]
+    kernel = load_config(CONFIGS[0].parent / "ct_kernel_paired.yaml")
+    assert kernel.model.linear_kernel == [7, 7, 1]
+    # in HU, from the least-squares start: the nlst-window options traded the body for the slices (README)
+    assert (kernel.loss.window, kernel.train.linear_start) == ("data", "least-squares")
     unpaired = load_config(CONFIGS[0].parent / "ct_sr_unpaired.yaml")
     assert (unpaired.objective, unpaired.loss.lambda_cycle, unpaired.loss.pool_size) == ("unpaired", 10.0, 50)
     dmri = load_config(CONFIGS[0].parent / "dmri_sr_paired.yaml")

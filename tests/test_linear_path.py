@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from _training_data import tiny_config, write_kernel_datalist
+from scipy import ndimage
 
 from revgan_med.checkpoints import load_checkpoint
 from revgan_med.config import ConfigError, LossConfig
 from revgan_med.networks import build_generator
-from revgan_med.networks.linear import DomainGate, LinearPath
+from revgan_med.networks.linear import (
+    BLUR_SIGMAS,
+    UNSHARP_AMOUNTS,
+    DomainGate,
+    LinearPath,
+    classical_filter,
+)
 from revgan_med.training.loop import build_training_objective, train
 from revgan_med.training.objectives import build_objective
 
@@ -439,3 +447,62 @@ def test_train_augments_the_patches_on_request(tmp_path):
         fits[name] = load_checkpoint(last)["models"]["generator"]["lin_y.weight"]
     torch.testing.assert_close(fits["again"], fits["plain"], atol=0, rtol=0)
     assert (fits["augmented"] - fits["plain"]).abs().max() > 1e-3
+
+
+def test_strongest_start_picks_the_classical_filter_that_made_the_target_and_scores_in_the_window():
+    """y is scipy's in-plane unsharp mask (σ 0.5, × 4) of x; with the least-squares path spoilt, the
+    unsharp mask of the grid wins: the model then reproduces scipy's filter and keeps it as its baseline.
+    The reported PSNRs are those of values clipped to the window (by hand with numpy)."""
+    rng = np.random.default_rng(0)
+    xs = [ndimage.gaussian_filter(rng.normal(size=(16, 16, 3)), (1, 1, 0)) for _ in range(2)]
+    ys = [x + 4 * (x - ndimage.gaussian_filter(x, (0.5, 0.5, 0), mode="nearest")) for x in xs]
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        return torch.tensor(a, dtype=torch.float32)[None, None]
+
+    batches = [{"image": tensor(x), "target": tensor(y)} for x, y in zip(xs, ys, strict=True)]
+    gen = build_generator("rev_srcnn3d", in_channels=1, out_channels=1, width=4, depth=1, residual=True,
+                          linear_kernel=[7, 7, 1])  # fmt: skip
+    objective = build_objective("paired", generator=gen, discriminators={}, loss=LossConfig(gan="none"))
+    with torch.no_grad():
+        gen.lin_y.weight.normal_(0, 0.05)  # a poor start, as a fit far from the window would be
+        spoilt = [gen(b["image"])[0, 0].numpy() for b in batches]
+    bounds = (-0.3, 0.3)  # clips part of x and y
+    chosen = objective.choose_linear_start(batches, bounds)
+    name, psnr, fit = chosen["X → Y"]
+    assert name == "unsharp mask σ 0.5 × 4"
+    clipped = [np.clip(v, *bounds) for v in (*spoilt, *ys)]
+    mse = np.mean([(a - b) ** 2 for a, b in zip(clipped[:2], clipped[2:], strict=True)])
+    assert fit == pytest.approx(10 * np.log10(0.6**2 / mse), abs=1e-3)
+    assert psnr > fit + 40
+    with torch.no_grad():
+        for x, y in zip(xs, ys, strict=True):
+            np.testing.assert_allclose(gen(tensor(x))[0, 0].numpy(), y, atol=1e-5)
+            np.testing.assert_allclose(gen.lin_y.solved(tensor(x))[0, 0].numpy(), y - x, atol=1e-5)
+    # Y → X was not fitted (its path is zero: the input); undoing a sharpening, a blur beats it
+    assert chosen["Y → X"][0].startswith("Gaussian blur")
+
+
+def test_train_starts_from_the_strongest_linear_start_on_request(tmp_path, capsys):
+    """End to end: `train.linear_start: strongest` says per direction what it chose; the saved path is that
+    classical filter (minus the input) or, where the fit won, the least-squares run's own path."""
+    datalist = write_kernel_datalist(tmp_path / "data")
+    overrides = ("model.residual=true", "model.linear_kernel=[5,5,1]", "loss.gan=none", "train.lr=0",
+                 "train.linear_fit_batches=2", "train.steps=1")  # fmt: skip
+    fitted = load_checkpoint(train(tiny_config(datalist, *overrides), tmp_path / "fit"))
+    fitted = fitted["models"]["generator"]
+    capsys.readouterr()
+    last = train(tiny_config(datalist, *overrides, "train.linear_start=strongest"), tmp_path / "strongest")
+    weights = load_checkpoint(last)["models"]["generator"]
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("linear start")]
+    assert len(lines) == 2
+    grid = {f"Gaussian blur σ {s:g}": (s, None) for s in BLUR_SIGMAS}
+    grid.update({f"unsharp mask σ {s:g} × {a:.3g}": (s, a) for s in BLUR_SIGMAS for a in UNSHARP_AMOUNTS})
+    grid["the input"] = (None, None)
+    for line, key in zip(lines, ("lin_y.weight", "lin_x.weight"), strict=True):
+        name = line.split(": ", 1)[1].split(" (")[0]
+        if name == "least squares":
+            torch.testing.assert_close(weights[key], fitted[key])
+        else:
+            expected = classical_filter((5, 5, 1), *grid[name]) - classical_filter((5, 5, 1))
+            torch.testing.assert_close(weights[key][0, 0].double(), expected, atol=1e-6, rtol=0)
+    assert any("least squares" not in line.split(" (")[0] for line in lines)  # the window decided somewhere

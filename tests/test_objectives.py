@@ -189,6 +189,38 @@ def test_masked_pixel_loss_by_hand():
     assert masked_pixel_loss(prediction, target, mask=torch.zeros_like(mask)).item() == 0.0
 
 
+def test_windowed_pixel_loss_is_the_error_of_clipped_values_by_hand():
+    lo, hi = -0.5, 0.5
+    target = torch.tensor([-2.0, -2.0, 0.2, 0.2, 3.0, 3.0]).reshape(1, 1, 6, 1, 1)
+    prediction = torch.tensor([-0.9, 0.0, 0.7, -0.1, 0.4, 0.8]).reshape(1, 1, 6, 1, 1).requires_grad_()
+    errors = [0.0, 0.5, 0.3, 0.3, 0.1, 0.0]  # |clip(prediction) − clip(target)|, clipped to [-0.5, 0.5]
+    loss = masked_pixel_loss(prediction, target, bounds=(lo, hi))
+    assert loss.item() == pytest.approx(sum(errors) / 6)
+    loss.backward()  # a prediction beyond the window reads as its edge there: no gradient
+    assert prediction.grad.flatten().tolist() == pytest.approx([0, 1 / 6, 0, -1 / 6, -1 / 6, 0])
+    squared = masked_pixel_loss(prediction, target, kind="mse", bounds=(lo, hi))
+    assert squared.item() == pytest.approx(sum(e * e for e in errors) / 6)
+    mask = torch.tensor([False, True, True, False, False, False]).reshape(1, 1, 6, 1, 1)
+    assert masked_pixel_loss(prediction, target, mask=mask, bounds=(lo, hi)).item() == pytest.approx(0.4)
+
+
+def test_metric_window_loss_uses_the_kernel_tasks_nlst_window_in_the_networks_units():
+    config = load_config(CONFIGS / "ct_kernel_paired.yaml", ["model.width=4", "loss.gan=none",
+                                                              "loss.window=metric"])
+    obj = build_training_objective(config)
+    ct_full = (-1024.0, 3071.0)  # the config's data window; nlst is [-900, 400] HU
+    expected = [2 * (hu - ct_full[0]) / (ct_full[1] - ct_full[0]) - 1 for hu in (-900.0, 400.0)]
+    assert obj.pixel_bounds == pytest.approx(expected, abs=1e-6)
+    plain = load_config(CONFIGS / "ct_kernel_paired.yaml", ["model.width=4", "loss.gan=none"])
+    assert build_training_objective(plain).pixel_bounds is None
+    hi = expected[1]  # a target above the window predicted above it costs nothing; inside it, its distance
+    batch = {"image": torch.full((1, 1, 4, 8, 8), hi + 0.1),
+             "target": torch.full((1, 1, 4, 8, 8), hi + 0.3)}  # fmt: skip
+    assert obj.generator_step(batch)["l1_xy"].item() == 0.0  # the untrained start: the identity
+    batch["image"] = torch.full_like(batch["image"], hi - 0.1)
+    assert obj.generator_step(batch)["l1_xy"].item() == pytest.approx(100 * 0.1, rel=1e-4)
+
+
 def test_paired_pixel_terms_count_only_the_batch_body():
     """Errors outside the body change nothing: the loss equals the unmasked one of the body voxels."""
     obj, kwargs = _objective("paired", "none", "rev_srcnn3d")

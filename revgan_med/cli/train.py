@@ -61,6 +61,6 @@ def run(args: argparse.Namespace) -> int:
 
     last = train(config, args.output, resume=args.resume)
     print(f"checkpoint: {last}")
-    for line in margin_report(args.output, baseline_name(config.task, config.model.linear_kernel)):
+    for line in margin_report(args.output, baseline_name(config)):
         print(line)
     return 0

@@ -123,6 +123,21 @@ class LinearPath(nn.Conv3d):
         self.solved_weight.copy_(self.weight)
         self.solved_bias.copy_(self.bias)
 
+    def filtered(self, v: Tensor, weight: Tensor) -> Tensor:
+        """`v` filtered by `weight` (``kernel``-shaped, each channel alone), padded as the path pads."""
+        eye = torch.eye(self.out_channels, self.in_channels).to(v)
+        return self._conv_forward(v, eye[:, :, None, None, None] * weight.to(v), None)
+
+    @torch.no_grad()
+    def set_filter(self, weight: Tensor, bias: float = 0.0) -> None:
+        """Make the path the filter `weight` (``kernel``-shaped, applied to each channel alone) plus
+        `bias`, as the baseline `solved` keeps too (the start chosen among classical filters)."""
+        eye = torch.eye(self.out_channels, self.in_channels).to(self.weight)
+        self.weight.copy_(eye[:, :, None, None, None] * weight.to(self.weight))
+        self.bias.fill_(bias)
+        self.solved_weight.copy_(self.weight)
+        self.solved_bias.copy_(self.bias)
+
     def _symmetry_ties(self) -> Tensor:
         """``(weights, unknowns)`` 0/1 matrix: each weight → its symmetry orbit."""
         index = torch.arange(self.weight[0].numel()).reshape(self.weight.shape[1:])  # (in, x, y, z)
@@ -136,6 +151,34 @@ class LinearPath(nn.Conv3d):
         tie = torch.zeros(len(unknown), int(unknown.max()) + 1, dtype=torch.float64)
         tie[torch.arange(len(unknown)), unknown] = 1
         return tie
+
+
+# the classical filters a path may start from (`classical_filter`): in-plane Gaussian blurs and unsharp
+# masks, the grids the kernel benchmark tunes them on (sharp kernels sit near a high-gain Laplacian)
+BLUR_SIGMAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.5, 3.0)  # voxels
+UNSHARP_AMOUNTS = tuple(0.25 * 2 ** (k / 2) for k in range(17))  # 0.25 … 64
+
+
+def gaussian_kernel(kernel: Sequence[int], sigma: float) -> Tensor:
+    """``kernel``-shaped float64 Gaussian of `sigma` voxels over the offsets from its centre, summing to 1
+    (a size-1 axis is not blurred: a [7, 7, 1] path's Gaussian is in-plane, cut off at its edge)."""
+    axes = [torch.arange(k, dtype=torch.float64) - k // 2 for k in kernel]
+    squared = sum(g**2 for g in torch.meshgrid(*axes, indexing="ij"))
+    weights = torch.exp(-squared / (2 * sigma**2))
+    return weights / weights.sum()
+
+
+def classical_filter(
+    kernel: Sequence[int], sigma: float | None = None, amount: float | None = None
+) -> Tensor:
+    """``kernel``-shaped float64 filter: the plain input (no `sigma`), the Gaussian blur of `sigma` (no
+    `amount`) or the unsharp mask ``x + amount·(x − blur(x))``."""
+    identity = torch.zeros(tuple(kernel), dtype=torch.float64)
+    identity[tuple(k // 2 for k in kernel)] = 1
+    if sigma is None:
+        return identity
+    blur = gaussian_kernel(kernel, sigma)
+    return blur if amount is None else identity + amount * (identity - blur)
 
 
 class DomainGate(nn.Module):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -102,6 +103,11 @@ class RunLogger:
         self.bar.update(steps)
         if postfix:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def note(self, line: str) -> None:
+        """A line on stderr above the progress bar (rank 0 only)."""
+        if self.enabled:
+            self.bar.write(line, file=sys.stderr)
 
     def close(self) -> None:
         if self.enabled:

@@ -34,7 +34,7 @@ from revgan_med.data.transforms import intensity_for_task
 from revgan_med.networks import build_discriminator
 from revgan_med.runtime import amp_dtype as runtime_amp_dtype
 from revgan_med.runtime import autocast, needs_grad_scaler
-from revgan_med.tasks import TASK_CHANNELS, TaskSpec, training_spec
+from revgan_med.tasks import TASK_CHANNELS, TaskSpec, evaluation_window, training_spec
 from revgan_med.training.averaging import WeightAverage, training_weights
 from revgan_med.training.distributed import (
     DistributedContext,
@@ -103,9 +103,19 @@ def build_training_objective(config: Config) -> Objective:
         )
         for role, c in needed.items()
     }
-    return build_objective(
+    objective = build_objective(
         config.objective, generator=generator, discriminators=discriminators, loss=config.loss
     )
+    objective.pixel_bounds = metric_bounds(config) if config.loss.window == "metric" else None
+    return objective
+
+
+def metric_bounds(config: Config) -> tuple[float, float]:
+    """The CT task's metric window (`evaluation_window`) in the units the network sees."""
+    spec = TaskSpec.from_config(config)
+    window = evaluation_window(spec.task, model_window=spec.window)
+    lo, hi = intensity_for_task(spec.task, spec.window).normalize(np.asarray(window, dtype=np.float32))
+    return float(lo), float(hi)
 
 
 def update(
@@ -413,10 +423,15 @@ def _run(config: Config, run_dir: Path, *, resume: bool, context: DistributedCon
     batches = _batches(dataset, loader, sampler, state)
     objective.train()
     if not resume and t.linear_fit_batches > 0:
-        fit_batches = (_to_device(next(batches), device) for _ in range(t.linear_fit_batches))
+        fit_batches = [_to_device(next(batches), device) for _ in range(t.linear_fit_batches)]
         fitted = objective.fit_linear_paths(
             fit_batches, symmetric=t.linear_fit_symmetric, clip=intensity.clipped_bounds
         )
+        if fitted and t.linear_start == "strongest":
+            chosen = objective.choose_linear_start(fit_batches, metric_bounds(config))
+            for direction, (name, psnr, fit) in chosen.items():
+                logger.note(f"linear start {direction}: {name} ({psnr:.2f} dB in the metric window on the "
+                            f"fit batches; the least-squares fit {fit:.2f} dB)")
         if fitted:
             broadcast_module(objective, context)  # every rank starts from rank 0's fit
     if t.ema_decay > 0:  # from the fitted start, identical on every rank

@@ -10,8 +10,9 @@ with the window width as data range (thesis ``000_*`` §5.4–5.5), inside the b
 there (``loss.region: body``); for dMRI inside the brain mask, with the target's range there.
 
 The baseline is what one would do without the model: tricubic upsampling for super-resolution, the
-generator's least-squares fitted linear filter (scored once, as fitted before training) or else the
-input unchanged for kernel conversion. Its scores are reported as ``baseline_*`` and the model's
+generator's linear start (the least-squares fitted filter, or the classical filter that
+``train.linear_start: strongest`` chose; scored once, before training) or else the input unchanged for
+kernel conversion. Its scores are reported as ``baseline_*`` and the model's
 PSNR margin over it as ``psnr_margin``, which is what ``best.pt`` is chosen on. A kernel model serves
 both directions (``infer --direction inverse``), so it is validated both ways: the sharp → smooth
 scores as ``inverse_*`` and ``inverse_baseline_*``, and ``psnr_margin`` is the mean of the two
@@ -55,11 +56,13 @@ def _prefix(direction: str) -> str:
     return "" if direction == "forward" else "inverse_"
 
 
-def baseline_name(task: str, linear_kernel: Sequence[int] | None) -> str:
-    """The classical baseline validation scores for `task`."""
-    if task != "ct-kernel":
+def baseline_name(config: Config) -> str:
+    """The classical baseline validation scores for `config`'s task (kernels: the linear start)."""
+    if config.task != "ct-kernel":
         return "tricubic"
-    return "fitted linear filter" if linear_kernel else "identity (the input)"
+    if not config.model.linear_kernel:
+        return "identity (the input)"
+    return "fitted linear filter" if config.train.linear_start == "least-squares" else "linear start"
 
 
 def _coronal(volume: np.ndarray) -> np.ndarray:
@@ -127,7 +130,7 @@ class ValidationSet:
                              upsample=upsample, body=body)  # fmt: skip
 
         cases = [load(item, data.upsample, config.loss.region == "body") for item in items]
-        baseline = baseline_name(config.task, config.model.linear_kernel)
+        baseline = baseline_name(config)
         if baseline == "tricubic":
             for case, item in zip(cases, items, strict=True):
                 case["baseline"] = (
