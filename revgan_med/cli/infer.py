@@ -126,8 +126,7 @@ def run(args: argparse.Namespace) -> int:
     from revgan_med.inference_files import infer_inputs
 
     model = load_model(args.checkpoint, device=args.device)
-    ensemble = model.ensemble if args.ensemble is None else args.ensemble
-    if ensemble and args.ensemble is None:  # on by the checkpoint's infer.ensemble: say so, and the cost
+    if model.ensemble and args.ensemble is None:  # on by the checkpoint: say so, and the cost
         print("flip ensemble on (the checkpoint's infer.ensemble; --no-ensemble: one pass, 4-5x faster)",
               file=sys.stderr)  # fmt: skip
     report = infer_inputs(
@@ -145,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         amp=args.amp,
         keep_out_of_window=args.keep_out_of_window,
         tilt=args.tilt,
-        ensemble=ensemble,
+        ensemble=args.ensemble,  # None: the checkpoint's infer.ensemble (`infer_path`)
     )
     for source, output, summary in report.done:
         line = f"{source} -> {output}"

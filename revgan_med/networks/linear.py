@@ -123,17 +123,20 @@ class LinearPath(nn.Conv3d):
         self.solved_weight.copy_(self.weight)
         self.solved_bias.copy_(self.bias)
 
+    def _per_channel(self, weight: Tensor, like: Tensor) -> Tensor:
+        """The path's weights for the ``kernel``-shaped filter `weight` applied to each channel alone."""
+        eye = torch.eye(self.out_channels, self.in_channels).to(like)
+        return eye[:, :, None, None, None] * weight.to(like)
+
     def filtered(self, v: Tensor, weight: Tensor) -> Tensor:
         """`v` filtered by `weight` (``kernel``-shaped, each channel alone), padded as the path pads."""
-        eye = torch.eye(self.out_channels, self.in_channels).to(v)
-        return self._conv_forward(v, eye[:, :, None, None, None] * weight.to(v), None)
+        return self._conv_forward(v, self._per_channel(weight, v), None)
 
     @torch.no_grad()
     def set_filter(self, weight: Tensor, bias: float = 0.0) -> None:
         """Make the path the filter `weight` (``kernel``-shaped, applied to each channel alone) plus
         `bias`, as the baseline `solved` keeps too (the start chosen among classical filters)."""
-        eye = torch.eye(self.out_channels, self.in_channels).to(self.weight)
-        self.weight.copy_(eye[:, :, None, None, None] * weight.to(self.weight))
+        self.weight.copy_(self._per_channel(weight, self.weight))
         self.bias.fill_(bias)
         self.solved_weight.copy_(self.weight)
         self.solved_bias.copy_(self.bias)
