@@ -23,7 +23,7 @@ from revgan_med.data.degradation import input_support, thick_slice, upsample_to_
 from revgan_med.data.transforms import CTWindow, DTIScale, intensity_from_dict
 from revgan_med.runtime import resolve_device
 from revgan_med.tasks import TASK_CHANNELS
-from revgan_med.tiling import sliding_window_predict, window_sizes
+from revgan_med.tiling import predict_volume, sliding_window_predict
 
 
 def load_model(checkpoint: str | Path, *, device: str | torch.device | None = "auto") -> Model:
@@ -91,8 +91,9 @@ def infer_volume(
     LR grid — the same degradation the training pairs were made with. CT voxels whose input lies
     outside the training window (bone, metal, air below it) keep the input value when
     `keep_out_of_window` (the model only saw clipped values there). Windows default to the
-    checkpoint's (`window_sizes`), batch size to its `infer.batch_size`; `progress(done, total)`
-    is called after every batch of windows.
+    checkpoint's (`revgan_med.tiling.predict_volume`: automatic ones shrink where the accelerator runs
+    out of memory), batch size to its `infer.batch_size`; `progress(done, total)` is called after
+    every batch of windows.
     """
     if direction not in ("forward", "inverse"):
         raise ValueError(f"direction {direction!r}: expected forward or inverse")
@@ -110,19 +111,19 @@ def infer_volume(
     mapping = intensity_from_dict(model.intensity)
     if isinstance(mapping, DTIScale) and mapping.scales is None:
         mapping = mapping.fit(grid, brain)  # dMRI scales come from the input itself, as in training
-    target, context = window_sizes(
-        grid.shape[:3], patch_size=model.patch_size, margin=model.margin,
-        target_size=model.target_size if target_size is None else target_size,
-        context_size=model.context_size if context_size is None else context_size,
-    )  # fmt: skip
     batch_size = model.batch_size if batch_size is None else batch_size
-    sw: dict[str, Any] = {"target_size": target, "context_size": context, "batch_size": batch_size}
-    sw.update(device=model.device, amp=amp, channels_last=channels_last, progress=progress)
+    sw: dict[str, Any] = {"batch_size": batch_size, "device": model.device, "amp": amp}
+    sw.update(channels_last=channels_last, progress=progress)
     step, back = model.generator, model.generator.inverse
     if direction == "inverse":
         step, back = back, step
     x = _to_tensor(mapping.normalize(grid))
-    y = sliding_window_predict(step, x, **sw)
+    y, (target, context) = predict_volume(
+        step, x, patch_size=model.patch_size, margin=model.margin,
+        target_size=model.target_size if target_size is None else target_size,
+        context_size=model.context_size if context_size is None else context_size, **sw,
+    )  # fmt: skip
+    sw.update(target_size=target, context_size=context)  # the consistency pass: the windows that fitted
     out = mapping.denormalize(_to_array(y, grid))
     if keep_out_of_window and isinstance(mapping, CTWindow):
         outside = (grid < mapping.lo) | (grid > mapping.hi)

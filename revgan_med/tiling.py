@@ -9,6 +9,7 @@ with a margin of the network's receptive radius. Used by training (validation) a
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -79,6 +80,45 @@ def window_sizes(
         pairs = zip(triple(patch_size, "patch_size"), target, strict=True)
         return target, tuple(p if t <= p else t + 2 * margin for p, t in pairs)  # type: ignore[return-value]
     return target, triple(context_size, "context_size")
+
+
+def predict_volume(
+    fn: Predictor,
+    volume: torch.Tensor,
+    *,
+    patch_size: Sequence[int],
+    margin: int,
+    target_size: int | Sequence[int] | None = None,
+    context_size: int | Sequence[int] | None = None,
+    max_voxels: int = DEFAULT_WINDOW_VOXELS,
+    **options: object,
+) -> tuple[torch.Tensor, tuple[tuple[int, int, int], tuple[int, int, int]]]:
+    """`sliding_window_predict` (`options`) with `window_sizes`'s windows → (prediction, (target, context)).
+
+    Automatic windows (neither size given) that run out of accelerator memory are retried with a
+    quarter of the voxels per context, with a warning, down to the training patch's size (which
+    training fitted with its backward pass): the default budget suits a large GPU, not every GPU, and
+    validation shares the GPU with the training state. Windows the caller chose are never changed;
+    their out-of-memory error stands.
+    """
+    spatial = tuple(volume.shape[2:])
+    chosen = target_size is not None or context_size is not None
+    floor = math.prod(triple(patch_size, "patch_size"))
+    while True:
+        target, context = window_sizes(spatial, patch_size=patch_size, margin=margin, target_size=target_size,
+                                       context_size=context_size, max_voxels=max_voxels)  # fmt: skip
+        try:
+            out = sliding_window_predict(fn, volume, target_size=target, context_size=context, **options)
+            return out, (target, context)
+        except torch.OutOfMemoryError:
+            if chosen or math.prod(context) <= floor:
+                raise
+        # outside the handler: the failed attempt's tensors are released before the cache is
+        max_voxels = math.prod(context) // 4
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        warnings.warn(f"out of accelerator memory with {'×'.join(map(str, context))} context windows: "
+                      f"retrying with at most {max_voxels} voxels per window", stacklevel=2)  # fmt: skip
 
 
 def window_grid(

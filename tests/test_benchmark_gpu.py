@@ -32,6 +32,6 @@ def test_the_whole_check_runs_on_the_cpu_with_tiny_sizes(capsys):
                  "--skip", "resume"])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0, out
-    for check in ("memory", "amp", "torchrun", "infer"):
+    for check in ("memory", "amp", "torchrun", "infer", "small-gpu"):
         assert check in out
     assert "skipped: CUDA only" in out and "all checks passed" in out

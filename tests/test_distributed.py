@@ -1,14 +1,18 @@
 from __future__ import annotations
 
+import json
 import os
 import socket
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from _training_data import tiny_config, write_kernel_datalist
+from pytest import approx
 
 from revgan_med.checkpoints import load_checkpoint
+from revgan_med.data.transforms import intensity_for_task
 from revgan_med.training.distributed import (
     DistributedContext,
     ResumableDistributedSampler,
@@ -18,6 +22,7 @@ from revgan_med.training.distributed import (
     shutdown_distributed,
 )
 from revgan_med.training.loop import build_training_objective, train, train_step
+from revgan_med.training.validation import ValidationSet
 
 WORLD = 2
 
@@ -57,7 +62,18 @@ def _worker(rank: int, port: int, datalist: str, run_dir: str) -> None:
         dist.all_gather(gathered, mine)
         assert torch.equal(gathered[0], gathered[1]), f"{role} parameters differ across ranks"
 
-    # the whole training loop under the group: rank 0 writes, the group stays for its owner
+    # validation shared out: rank 0 predicts cases 0 and 2, rank 1 case 1; every rank gets the means over
+    # all three that one process computes alone
+    three = tiny_config(str(Path(datalist).with_name("three_validation.json")))
+    intensity = intensity_for_task("ct-kernel", "nlst")
+    shared = ValidationSet.from_config(three, intensity, context)
+    alone = ValidationSet.from_config(three, intensity)
+    assert [c["name"] for c in shared.cases] == [c["name"] for c in alone.cases][rank::WORLD]
+    generator, cpu = objective.generator, context.device
+    assert shared.evaluate(generator, device=cpu) == approx(alone.evaluate(generator, device=cpu))
+
+    # the whole training loop under the group (one validation case: rank 1's share is empty); rank 0
+    # writes, the group stays for its owner
     train(config, run_dir)
     assert dist.is_initialized()
     shutdown_distributed(context)
@@ -71,12 +87,18 @@ def _free_port() -> int:
 
 def test_two_gloo_ranks_keep_identical_parameters_and_train(tmp_path):
     datalist = write_kernel_datalist(tmp_path / "data")
+    entries = json.loads(datalist.read_text())
+    entries["validation"] = entries["training"] + entries["validation"]
+    (tmp_path / "data" / "three_validation.json").write_text(json.dumps(entries))
     run = tmp_path / "run"
     mp.spawn(_worker, args=(_free_port(), str(datalist), str(run)), nprocs=WORLD, join=True)
     payload = load_checkpoint(run / "checkpoints" / "last.pt")
     assert payload["step"] == 6
     steps = [line.split(",")[0] for line in (run / "metrics.csv").read_text().splitlines()[1:]]
     assert steps == ["0", "1", "2", "3", "4", "5", "6"]  # written once, by rank 0 (0: before training)
+    validated = [row.split(",")[0] for row in (run / "metrics.csv").read_text().splitlines()[1:]
+                 if row.split(",")[1]]  # fmt: skip
+    assert validated == ["0", "3", "6"] and (run / "checkpoints" / "best.pt").is_file()
 
 
 def test_sampler_shards_without_overlap_and_resumes_mid_epoch():

@@ -92,7 +92,7 @@ def test_infer_defaults_to_auto_windows_and_stays_seamless(monkeypatch):
 
         inverse = forward
 
-    monkeypatch.setitem(tiling.window_sizes.__kwdefaults__, "max_voxels", 12**3)
+    monkeypatch.setitem(tiling.predict_volume.__kwdefaults__, "max_voxels", 12**3)
     window = CTWindow(-1000.0, 1000.0)
     hu = np.random.default_rng(0).uniform(-900, 900, (21, 17, 13)).astype(np.float32)
     model = Model(Smooth(), "ct-kernel", window.to_dict(), (16, 16, 16), margin=1)
@@ -102,3 +102,57 @@ def test_infer_defaults_to_auto_windows_and_stays_seamless(monkeypatch):
     x = torch.from_numpy(window.normalize(hu))[None, None]
     expected = window.denormalize(Smooth()(x)[0, 0].numpy())
     np.testing.assert_allclose(out, expected, atol=1e-3)
+
+
+class _SmallGPU:
+    """A 3³ box filter (radius 1) on a pretend accelerator that runs out of memory above `limit` voxels
+    per batch, as CUDA raises it (`torch.OutOfMemoryError`); records the window sizes it was given."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.shapes = limit, []
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        self.shapes.append(tuple(v.shape[2:]))
+        if v.shape[0] * math.prod(v.shape[2:]) > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return F.avg_pool3d(F.pad(v, [1] * 6, mode="replicate"), 3, stride=1)
+
+
+def test_automatic_windows_shrink_where_the_accelerator_runs_out_of_memory():
+    """One 22×20×16 context (7040 voxels) fails on a 1000-voxel device: the budget drops to a quarter
+    of the failed context until it fits, with a warning each time, and the stitched result is still
+    the filter over the whole replicate-padded volume (every voxel from a centred context)."""
+    from revgan_med.tiling import predict_volume
+
+    x = torch.randn(1, 1, 20, 18, 14)
+    device = _SmallGPU(limit=1000)
+    with pytest.warns(UserWarning, match="out of accelerator memory") as caught:
+        out, (target, context) = predict_volume(device, x, patch_size=(6, 6, 6), margin=1)
+    assert device.shapes[0] == (22, 20, 16) and len(caught) == 2  # 7040 → ≤ 1760 (fails) → ≤ 440
+    assert math.prod(context) <= 7040 // 4 // 4
+    assert all(c == t + 2 for t, c in zip(target, context, strict=True))
+    expected = F.avg_pool3d(F.pad(x, [1] * 6, mode="replicate"), 3, stride=1)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+def test_chosen_windows_and_other_errors_are_not_retried():
+    """Windows the user chose stay as chosen (the out-of-memory error stands, after one try); other
+    errors are not taken for memory; and the shrinking stops at the training patch's size."""
+    from revgan_med.tiling import predict_volume
+
+    x = torch.randn(1, 1, 20, 18, 14)
+    device = _SmallGPU(limit=1000)
+    with pytest.raises(torch.OutOfMemoryError):
+        predict_volume(device, x, patch_size=(6, 6, 6), margin=1, target_size=16)
+    assert device.shapes == [(18, 18, 18)]  # target 16 > patch 6: context = target + 2·margin
+
+    def broken(v: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR")
+
+    with pytest.raises(RuntimeError, match="CUDNN"):
+        predict_volume(broken, x, patch_size=(6, 6, 6), margin=1)
+
+    tiny = _SmallGPU(limit=50)  # less than one patch-sized (6³ = 216) context
+    with pytest.warns(UserWarning), pytest.raises(torch.OutOfMemoryError):
+        predict_volume(tiny, x, patch_size=(6, 6, 6), margin=1)
+    assert math.prod(tiny.shapes[-1]) <= 216 < math.prod(tiny.shapes[-2])

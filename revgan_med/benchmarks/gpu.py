@@ -14,7 +14,9 @@ Runs, on `--device` (default: the GPU), and fails (exit 1) on any mismatch:
 - ``torchrun``: a 2-process ``torchrun`` training run on the one device (nccl, falling back to gloo
   when NCCL refuses two ranks on one GPU; gloo on the CPU);
 - ``infer``: ``revgan-med infer`` of a synthetic CT (`--infer-shape`, default 512×512×300) with the
-  kernel model: wall time and peak GPU memory.
+  kernel model: wall time and peak GPU memory;
+- ``small-gpu``: the same scan with the GPU capped at half that peak: the automatic windows must
+  shrink on the out-of-memory error and still finish (CUDA only).
 
 Examples:
   revgan-med benchmark gpu
@@ -38,7 +40,7 @@ from typing import Any
 
 from revgan_med.benchmarks import write_json
 
-HELP = "device check: memory, AMP error in HU, kill + resume, torchrun, whole-scan infer (one table)"
+HELP = "device check: memory, AMP in HU, kill + resume, torchrun, whole-scan infer, small GPU (one table)"
 AMP_MEAN_HU, AMP_P99_HU = 1.0, 5.0
 
 
@@ -261,6 +263,38 @@ def _infer(device: Any, model: Any, shape: tuple[int, ...], work: Path) -> dict[
     return _row("infer", True, f"{'x'.join(map(str, shape))}: {seconds:.1f} s{passes}{peak}")
 
 
+def _small_gpu(device: Any, model: Any, work: Path) -> dict[str, Any]:
+    """`infer` of the ``infer`` row's scan again with the GPU capped at half the peak that run needed:
+    the automatic windows must shrink (a warning per retry) and the output stay finite, near the
+    uncapped one (InstanceNorm sees other windows, so not equal)."""
+    import warnings
+
+    import numpy as np
+    import torch
+
+    from revgan_med.inference_files import infer_path
+    from revgan_med.io import load_volume
+
+    if device.type != "cuda":
+        return _row("small-gpu", None, "-", "skipped: CUDA only")
+    total = torch.cuda.get_device_properties(device).total_memory
+    cap = torch.cuda.max_memory_allocated(device) / 2
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(cap / total, device)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            infer_path(model, work / "synthetic_ct.nii.gz", work / "capped.nii.gz")
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+    retries = sum("out of accelerator memory" in str(w.message) for w in caught)
+    capped, full = (load_volume(work / name)[0] for name in ("capped.nii.gz", "out.nii.gz"))
+    finite = bool(np.isfinite(capped).all())
+    value = f"cap {cap / 2**30:.2f} GiB: {retries} retries, mean |capped - uncapped| "
+    value += f"{float(np.abs(capped - full).mean()):.2f} HU"
+    return _row("small-gpu", retries > 0 and finite, value, "" if finite else "non-finite output")
+
+
 def _tail(text: str) -> str:
     lines = [line for line in (text or "").strip().splitlines() if line.strip()]
     return lines[-1][:160] if lines else "no output"
@@ -297,6 +331,8 @@ def run_checks(
                 progress(f"{name}: {time.perf_counter() - start:.0f} s")
         if "infer" not in skip:
             rows.append(_infer(dev, model, infer_shape, work))
+            if "small-gpu" not in skip:
+                rows.append(_small_gpu(dev, model, work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"device": str(dev), "torch": torch.__version__, "rows": rows,

@@ -4,7 +4,8 @@
 rendezvous address); `init_distributed` reads them, joins the process group (nccl on CUDA, gloo on
 CPU) and picks this rank's device. Every rank samples its own share of the patches
 (`ResumableDistributedSampler`), gradients are averaged across ranks before every optimiser step
-(`average_gradients`), and only rank 0 logs and writes checkpoints.
+(`average_gradients`), every rank validates its share of the validation cases (`gather_lists`), and
+only rank 0 logs and writes checkpoints.
 
 Gradients are averaged explicitly rather than by wrapping the networks in DistributedDataParallel:
 a GAN iteration calls the generator through both ``forward`` and ``inverse`` and the discriminators
@@ -40,7 +41,7 @@ class DistributedContext:
 
     @property
     def is_main(self) -> bool:
-        """Rank 0 logs, validates and writes checkpoints."""
+        """Rank 0 logs and writes checkpoints (every rank validates its share of the cases)."""
         return self.rank == 0
 
     @property
@@ -53,8 +54,8 @@ def init_distributed(
 ) -> DistributedContext:
     """Join the process group described by torchrun's environment variables (a no-op without them).
 
-    `timeout_s` bounds every collective, barriers included: the other ranks wait in one while rank 0
-    validates whole volumes, which can outlast the backends' default (10 min for NCCL). `backend`
+    `timeout_s` bounds every collective, barriers included: validation shares the cases out, but the
+    ranks wait for the slowest share (one large volume can outlast NCCL's default of 10 min). `backend`
     ``auto`` is nccl on CUDA and gloo on the CPU; gloo also reduces CUDA tensors, e.g. for several
     ranks sharing one GPU, which NCCL refuses.
     """
@@ -83,6 +84,15 @@ def barrier(context: DistributedContext) -> None:
     """Wait for every rank (e.g. while rank 0 validates and writes a checkpoint)."""
     if context.enabled:
         dist.barrier()
+
+
+def gather_lists(items: list, context: DistributedContext) -> list:
+    """Every rank's `items` (picklable), concatenated in rank order, on every rank."""
+    if not context.enabled:
+        return items
+    parts: list[list | None] = [None] * context.world_size
+    dist.all_gather_object(parts, items)
+    return [item for part in parts for item in part or ()]
 
 
 def broadcast_module(module: nn.Module, context: DistributedContext) -> None:

@@ -377,21 +377,22 @@ def _mean_losses(running: dict[str, list[float]], context: DistributedContext, l
 
 def _validate(
     validation: ValidationSet, objective: Objective, state: TrainState, checkpointer: _Checkpointer,
-    best: Path, *, logger: RunLogger, device: torch.device,
+    best: Path, *, logger: RunLogger, device: torch.device, write: bool = True,
 ) -> dict[str, float]:  # fmt: skip
     """Validate, keep the model with the largest PSNR margin over the baseline as `best` (with the
-    correction off in each direction that falls back to its baseline: `ValidationSet.evaluate`); →
-    ``val_*``."""
+    correction off in each direction that falls back to its baseline: `ValidationSet.evaluate`; written
+    where `write`: rank 0); → ``val_*``."""
     generator = checkpointer.generator()
     metrics = validation.evaluate(generator, device=device, logger=logger, step=state.step)
     objective.train()
     if metrics["psnr_margin"] > state.best_margin:
         state.best_margin = metrics["psnr_margin"]
-        if (off := getattr(generator, "baseline_only", None)) is not None:
-            off.copy_(fallbacks(metrics))
-        save_checkpoint(best, checkpointer.payload(state))
-        if off is not None:
-            off.zero_()  # training and last.pt keep every correction
+        if write:
+            if (off := getattr(generator, "baseline_only", None)) is not None:
+                off.copy_(fallbacks(metrics))
+            save_checkpoint(best, checkpointer.payload(state))
+            if off is not None:
+                off.zero_()  # training and last.pt keep every correction
     return {f"val_{k}": v for k, v in metrics.items()}
 
 
@@ -417,7 +418,7 @@ def _run(config: Config, run_dir: Path, *, resume: bool, context: DistributedCon
         save_config(config, run_dir / "config.yaml")
     dataset = _training_dataset(config, intensity, context)
     loader, sampler = _loader(dataset, config, context)
-    validation = ValidationSet.from_config(config, intensity) if context.is_main else None
+    validation = ValidationSet.from_config(config, intensity, context)  # every rank: its share of the cases
     logger = RunLogger(run_dir, start_step=state.step, total_steps=t.steps, enabled=context.is_main)
     running: dict[str, list[float]] = {}
     batches = _batches(dataset, loader, sampler, state)
@@ -437,7 +438,7 @@ def _run(config: Config, run_dir: Path, *, resume: bool, context: DistributedCon
     if t.ema_decay > 0:  # from the fitted start, identical on every rank
         checkpointer.start_average(t.ema_decay)
     validate = functools.partial(_validate, validation, objective, state, checkpointer, best, logger=logger,
-                                 device=device)  # fmt: skip
+                                 device=device, write=context.is_main)  # fmt: skip
     if validation is not None and not resume:  # the untrained model (= its baseline) is the first best.pt
         logger.log(0, validate())
     while state.step < t.steps:

@@ -1,9 +1,11 @@
 """Validation during training: whole volumes through sliding-window inference, metrics in scanner units,
 beside the classical baseline the model has to beat.
 
-The validation cases of the datalist are loaded once (input on the target grid, normalised). Each
-validation predicts every volume with `revgan_med.tiling.sliding_window_predict` — the same
-windows `revgan-med infer` uses — maps prediction and target back to HU (or the dMRI scanner units)
+The validation cases of the datalist are loaded once (input on the target grid, normalised); under
+``torchrun`` every rank loads and predicts its share (cases rank, rank + world size, …) and the
+per-case metrics are gathered, so each rank computes the same means. Each
+validation predicts every volume with `revgan_med.tiling.predict_volume` — the same windows
+`revgan-med infer` uses — maps prediction and target back to HU (or the dMRI scanner units)
 and reports the mean MAE / PSNR / SSIM over the cases (`revgan_med.evaluation.compute_metrics`):
 for CT inside the task's metric window (`revgan_med.tasks.METRIC_WINDOWS`, else the training window),
 with the window width as data range (thesis ``000_*`` §5.4–5.5), inside the body when training
@@ -40,7 +42,8 @@ from revgan_med.data.datasets import load_case, load_datalist
 from revgan_med.data.transforms import CTWindow
 from revgan_med.evaluation import compute_metrics
 from revgan_med.tasks import METRIC_WINDOWS, parse_window
-from revgan_med.tiling import DEFAULT_MARGIN, sliding_window_predict, window_sizes
+from revgan_med.tiling import DEFAULT_MARGIN, predict_volume
+from revgan_med.training.distributed import DistributedContext, gather_lists
 from revgan_med.training.logging import RunLogger
 
 METRICS = ("mae", "rmse", "psnr", "ssim")
@@ -84,6 +87,8 @@ class ValidationSet:
             generator's linear path (plus the input for residual generators), or the input itself.
         metric_window: HU window of the CT metrics (None: the training window).
         directions: ``("forward",)``, or ``("forward", "inverse")`` to validate Y → X as well.
+        context: under ``torchrun``, `cases` are this rank's share (maybe none) and the metrics are
+            gathered from every rank's.
     """
 
     def __init__(
@@ -97,8 +102,10 @@ class ValidationSet:
         baseline: str = "identity (the input)",
         metric_window: Sequence[float] | None = None,
         directions: Sequence[str] = ("forward",),
+        context: DistributedContext | None = None,
     ) -> None:
-        if not cases:
+        self.context = context or DistributedContext(0, 1, 0, torch.device("cpu"))
+        if not cases and not self.context.enabled:
             raise ValueError("ValidationSet: no cases")
         if not directions or set(directions) - {"forward", "inverse"}:
             raise ValueError(f"ValidationSet: directions {list(directions)}: expected forward and/or inverse")
@@ -111,19 +118,25 @@ class ValidationSet:
         self.baseline_scores: dict[str, float] | None = None
 
     @classmethod
-    def from_config(cls, config: Config, intensity: Any) -> ValidationSet | None:
-        """The datalist's validation cases, or None (with a warning) when it has none."""
+    def from_config(
+        cls, config: Config, intensity: Any, context: DistributedContext | None = None
+    ) -> ValidationSet | None:
+        """The datalist's validation cases (this rank's share under `context`), or None (with a warning
+        from rank 0) when it has none."""
         data = config.data
+        quiet = context is not None and not context.is_main
         try:
             items = load_datalist(data.datalist, "validation")
         except ValueError as exc:
-            warnings.warn(f"no validation during training: {exc}", stacklevel=2)
-            return None
+            items, problem = [], str(exc)
+        else:
+            problem = f"{data.datalist} has no validation cases"
         if not items:
-            warnings.warn(
-                f"no validation during training: {data.datalist} has no validation cases", stacklevel=2
-            )
+            if not quiet:
+                warnings.warn(f"no validation during training: {problem}", stacklevel=2)
             return None
+        if context is not None:
+            items = items[context.rank :: context.world_size]
 
         def load(item: dict, upsample: str, body: bool = False) -> dict[str, Any]:
             return load_case(item, task=config.task, intensity_or_window=intensity, factors=data.factors,
@@ -139,7 +152,8 @@ class ValidationSet:
         return cls(cases, patch_size=data.patch_size, context_size=config.infer.context_size,
                    target_size=config.infer.target_size, batch_size=config.infer.batch_size,
                    baseline=baseline, metric_window=_metric_window(config.task),
-                   directions=KERNEL_DIRECTIONS if config.task == "ct-kernel" else ("forward",))  # fmt: skip
+                   directions=KERNEL_DIRECTIONS if config.task == "ct-kernel" else ("forward",),
+                   context=context)  # fmt: skip
 
     def predict(
         self, generator: nn.Module, image: np.ndarray, *, device: torch.device, direction: str = "forward"
@@ -147,13 +161,10 @@ class ValidationSet:
         """X→Y (or, `direction` ``inverse``, Y→X) prediction of one normalised (C, X, Y, Z) volume."""
         volume = torch.from_numpy(image)[None]
         radius = getattr(generator, "receptive_radius", None)
-        target, context = window_sizes(
-            image.shape[1:], patch_size=self.patch_size, margin=radius() if radius else DEFAULT_MARGIN,
-            target_size=self.target_size, context_size=self.context_size,
-        )  # fmt: skip
-        out = sliding_window_predict(
-            generator if direction == "forward" else generator.inverse, volume, target_size=target,
-            context_size=context, batch_size=self.batch_size, device=device,
+        out, _ = predict_volume(
+            generator if direction == "forward" else generator.inverse, volume, patch_size=self.patch_size,
+            margin=radius() if radius else DEFAULT_MARGIN, target_size=self.target_size,
+            context_size=self.context_size, batch_size=self.batch_size, device=device,
         )  # fmt: skip
         return out[0].numpy()
 
@@ -188,6 +199,7 @@ class ValidationSet:
             for direction in self.directions:
                 rows = [self._metrics(case, self._baseline(case, generator, direction), direction)
                         for case in self.cases]  # fmt: skip
+                rows = gather_lists(rows, self.context)
                 self.baseline_scores.update(
                     {f"{_prefix(direction)}baseline_{k}": v for k, v in _mean(rows).items()}
                 )
@@ -228,7 +240,7 @@ class ValidationSet:
                     panels = [_coronal(v) for v in (case["image"], prediction, case["target"])]
                     logger.images(step, "validation/input_output_target", panels)
             prefix = _prefix(direction)
-            scores.update({f"{prefix}{k}": v for k, v in _mean(rows).items()})
+            scores.update({f"{prefix}{k}": v for k, v in _mean(gather_lists(rows, self.context)).items()})
             margin = scores[f"{prefix}psnr"] - baseline[f"{prefix}baseline_psnr"]
             if switchable:
                 scores[f"{prefix}fallback"] = float(margin < 0)
