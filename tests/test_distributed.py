@@ -94,10 +94,9 @@ def test_two_gloo_ranks_keep_identical_parameters_and_train(tmp_path):
     mp.spawn(_worker, args=(_free_port(), str(datalist), str(run)), nprocs=WORLD, join=True)
     payload = load_checkpoint(run / "checkpoints" / "last.pt")
     assert payload["step"] == 6
-    steps = [line.split(",")[0] for line in (run / "metrics.csv").read_text().splitlines()[1:]]
-    assert steps == ["0", "1", "2", "3", "4", "5", "6"]  # written once, by rank 0 (0: before training)
-    validated = [row.split(",")[0] for row in (run / "metrics.csv").read_text().splitlines()[1:]
-                 if row.split(",")[1]]  # fmt: skip
+    rows = [line.split(",") for line in (run / "metrics.csv").read_text().splitlines()[1:]]
+    assert [row[0] for row in rows] == ["0", "1", "2", "3", "4", "5", "6"]  # by rank 0 (0: before training)
+    validated = [row[0] for row in rows if row[1]]
     assert validated == ["0", "3", "6"] and (run / "checkpoints" / "best.pt").is_file()
 
 
