@@ -86,6 +86,7 @@ from revgan_med.inference import infer_volume, load_model
 from revgan_med.io import load_volume, save_volume
 from revgan_med.networks.linear import BLUR_SIGMAS, UNSHARP_AMOUNTS, LinearPath
 from revgan_med.tasks import DEFAULT_FACTORS, DEFAULT_WINDOW, METRIC_WINDOWS, UPSAMPLE_MODES, WINDOWS
+from revgan_med.tiling import with_border
 from revgan_med.training.loop import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -101,6 +102,7 @@ SR_GAIN_DB = 1.0  # issue 17: model >= tricubic + 1.0 dB
 KERNEL_GAIN_DB, KERNEL_OVER_INPUT_DB = 0.5, 3.0  # issue 17: model >= best classical filter + 0.5 dB
 FITTED, ENSEMBLE = "fitted linear filter (untrained model)", ", flip ensemble"  # kernel method names
 LEAST_SQUARES = "least-squares filter (training half's body)"
+ODD_BORDER = ", odd-reflected border"  # a filter with the image border `infer` gives its windows
 MODELS = {"model (best.pt)": "best.pt", "model (last.pt)": "last.pt"}  # kernel: the chosen and the last step
 Log = Callable[[str], None]
 
@@ -343,14 +345,20 @@ def run_sr(
             "train_shapes": {name: list(hu.shape) for name, (hu, _) in train_scans.items()}}  # fmt: skip
 
 
-def blur(hu: np.ndarray, sigma: float) -> np.ndarray:
-    """In-plane Gaussian blur (a reconstruction kernel acts within each slice)."""
-    return ndimage.gaussian_filter(hu.astype("float32"), (sigma, sigma, 0.0))
+def blur(hu: np.ndarray, sigma: float, border: str = "reflect") -> np.ndarray:
+    """In-plane Gaussian blur (a reconstruction kernel acts within each slice); `border`: SciPy's
+    ``reflect`` or ``odd-reflect``, the extension `revgan-med infer` gives its windows (`pad_volume`)."""
+    hu = hu.astype("float32")
+    if border == "reflect":
+        return ndimage.gaussian_filter(hu, (sigma, sigma, 0.0))
+    r = int(4.0 * sigma + 0.5)  # gaussian_filter's radius (truncate 4)
+    padded = np.pad(hu, ((r, r), (r, r), (0, 0)), mode="reflect", reflect_type="odd")
+    return ndimage.gaussian_filter(padded, (sigma, sigma, 0.0))[r : r + hu.shape[0], r : r + hu.shape[1]]
 
 
-def unsharp(hu: np.ndarray, sigma: float, amount: float) -> np.ndarray:
+def unsharp(hu: np.ndarray, sigma: float, amount: float, border: str = "reflect") -> np.ndarray:
     """In-plane unsharp mask ``x + amount · (x − blur(x, sigma))``."""
-    return hu + amount * (hu - blur(hu, sigma))
+    return hu + amount * (hu - blur(hu, sigma, border))
 
 
 def tune_filters(smooth: np.ndarray, sharp: np.ndarray, mask: np.ndarray) -> dict[str, dict[str, float]]:
@@ -377,9 +385,9 @@ def tune_filters(smooth: np.ndarray, sharp: np.ndarray, mask: np.ndarray) -> dic
 def least_squares_filter(source: np.ndarray, target: np.ndarray, mask: np.ndarray,
                          kernel: Sequence[int]) -> Callable[[np.ndarray], np.ndarray]:  # fmt: skip
     """The least-squares linear filter `kernel` (in-plane) from `source` to `target` over the `mask`
-    voxels, in HU → a function applying it: every linear filter of that size competes over the body (the
-    model's own start, fitted on random patches in its window without the clipped voxels, can score
-    higher: the table keeps both)."""
+    voxels, in HU → a function applying it (`border`: the path's replicate padding or a `pad_volume`
+    mode): every linear filter of that size competes over the body (the model's own start, fitted on
+    random patches in its window without the clipped voxels, can score higher: the table keeps both)."""
     path, unit = LinearPath(1, 1, kernel), 1000.0  # in units of 1000 HU (the fit itself is scale-free)
 
     def tensor(hu: np.ndarray) -> torch.Tensor:
@@ -387,9 +395,9 @@ def least_squares_filter(source: np.ndarray, target: np.ndarray, mask: np.ndarra
 
     path.solve(*path.normal_equations(tensor(source), tensor(target), torch.from_numpy(mask[None, None])))
 
-    def apply(hu: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return path(tensor(hu))[0, 0].numpy() * unit
+    def apply(hu: np.ndarray, border: str = "replicate") -> np.ndarray:
+        with torch.no_grad():  # replicate: the path's own padding
+            return with_border(path, tensor(hu), [k // 2 for k in kernel], mode=border)[0, 0].numpy() * unit
 
     return apply
 
@@ -451,13 +459,15 @@ def run_kernel(
     directions = [
         ("forward", f"{names[0]}->{names[1]}", test[0], test[1],
          (f"unsharp mask (sigma {f_unsharp['sigma']:g}, amount {f_unsharp['amount']:.3g})",
-          unsharp(test[0], f_unsharp["sigma"], f_unsharp["amount"]))),
+          functools.partial(unsharp, test[0], f_unsharp["sigma"], f_unsharp["amount"]))),
         ("inverse", f"{names[1]}->{names[0]}", test[1], test[0],
-         (f"Gaussian blur (sigma {f_blur['sigma']:g})", blur(test[1], f_blur["sigma"]))),
+         (f"Gaussian blur (sigma {f_blur['sigma']:g})", functools.partial(blur, test[1], f_blur["sigma"]))),
     ]  # fmt: skip
     rows = []
-    for (direction, label, source, reference, (name, filtered)), fit in zip(directions, fits, strict=True):
-        methods = {"nothing (input)": source, f"tuned {name}": filtered, LEAST_SQUARES: fit(source)}
+    for (direction, label, source, reference, (name, tuned)), fit in zip(directions, fits, strict=True):
+        methods = {"nothing (input)": source, f"tuned {name}": tuned(), f"tuned {name}{ODD_BORDER}":
+                   tuned(border="odd-reflect"), LEAST_SQUARES: fit(source),
+                   f"{LEAST_SQUARES}{ODD_BORDER}": fit(source, border="odd-reflect")}  # fmt: skip
         deciles = structure_deciles(source, mask)
         for method, model in models.items():
             start = time.perf_counter()

@@ -22,7 +22,7 @@ from revgan_med.checkpoints import Model, load_checkpoint, model_from_checkpoint
 from revgan_med.data.degradation import input_support, thick_slice, upsample_to_hr
 from revgan_med.data.transforms import CTWindow, DTIScale, intensity_from_dict
 from revgan_med.runtime import resolve_device
-from revgan_med.tasks import TASK_CHANNELS
+from revgan_med.tasks import BORDER_PADDING, TASK_CHANNELS
 from revgan_med.tiling import predict_volume, sliding_window_predict
 
 
@@ -113,6 +113,7 @@ def infer_volume(
         mapping = mapping.fit(grid, brain)  # dMRI scales come from the input itself, as in training
     batch_size = model.batch_size if batch_size is None else batch_size
     sw: dict[str, Any] = {"batch_size": batch_size, "device": model.device, "amp": amp}
+    sw["padding_mode"] = BORDER_PADDING[model.task]  # how the volume continues beyond its border
     sw.update(channels_last=channels_last, progress=progress)
     step, back = model.generator, model.generator.inverse
     if direction == "inverse":

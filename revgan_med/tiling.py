@@ -13,8 +13,8 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from monai.data.utils import dense_patch_slices
+from monai.transforms.croppad.functional import pad_nd
 
 from revgan_med.runtime import amp_dtype, autocast, resolve_device
 
@@ -149,6 +149,36 @@ def _output_device(run_device: torch.device, volume: torch.Tensor, nbytes: int) 
     return volume.device
 
 
+def pad_volume(
+    volume: torch.Tensor, pad: Sequence[tuple[int, int]], *, mode: str = "odd-reflect"
+) -> torch.Tensor:
+    """Pad a (B, C, X, Y, Z) tensor by ``pad[d] = (before, after)`` voxels along each spatial axis.
+
+    ``odd-reflect``: the point reflection about each edge voxel, ``v[-k] = 2·v[0] − v[k]`` (NumPy's
+    ``np.pad(mode="reflect", reflect_type="odd")``, through MONAI's `pad_nd`: ``F.pad`` lacks it), clamped
+    to the volume's range per image and channel (a network saw no values beyond it). Within that range
+    it continues a ramp exactly, so a symmetric sharpening or smoothing filter leaves an edge voxel as
+    it is instead of answering an edge that the padding made. Other modes: ``F.pad``'s.
+    """
+    to_pad = [(0, 0), (0, 0), *pad]
+    if mode != "odd-reflect":
+        return pad_nd(volume, to_pad, mode=mode)
+    spatial = tuple(range(2, volume.ndim))
+    padded = pad_nd(volume.cpu(), to_pad, mode="reflect", reflect_type="odd").to(volume.device)  # NumPy: CPU
+    return padded.clamp(volume.amin(dim=spatial, keepdim=True), volume.amax(dim=spatial, keepdim=True))
+
+
+def with_border(
+    fn: Predictor, volume: torch.Tensor, radius: Sequence[int], *, mode: str = "odd-reflect"
+) -> torch.Tensor:
+    """`fn` (shape-keeping, e.g. a filter of that radius) of `volume` padded by `radius` voxels per spatial
+    axis with `mode` (`pad_volume`), cropped back to the volume: a whole-volume filter that sees the same
+    border as the windows of `sliding_window_predict`."""
+    pad = [(r, r) for r in radius]
+    inner = tuple(slice(r, r + n) for r, n in zip(radius, volume.shape[2:], strict=True))
+    return fn(pad_volume(volume, pad, mode=mode))[(slice(None), slice(None), *inner)]
+
+
 def sliding_window_predict(
     fn: Predictor,
     volume: torch.Tensor,
@@ -166,9 +196,9 @@ def sliding_window_predict(
 
     `fn` maps a batch of context windows (N, C, *context) to (N, C', *context). Each target window
     is cut from the centre of its context window's prediction, so every voxel is predicted once,
-    from a context centred on it. Borders are padded with `padding_mode` — ``replicate`` by default
-    because it works for any size (``reflect`` needs the padding to be smaller than the axis) and
-    extends the scan's edge (air, table) as the scanner would rather than mirroring anatomy. `device`
+    from a context centred on it. Borders are padded with `padding_mode` (`pad_volume`): ``replicate``
+    by default, ``odd-reflect`` to continue the edge's gradient (the task decides:
+    `revgan_med.tasks.BORDER_PADDING`). `device`
     runs `fn` (None: the volume's device); with `amp` under `revgan_med.runtime`'s autocast policy.
     The result is on the volume's device; on CUDA windows go through pinned memory with non-blocking
     copies and the output is accumulated on the GPU when it fits. `progress(done, total)` is called
@@ -189,8 +219,7 @@ def sliding_window_predict(
     run_device = resolve_device(device) if device is not None else volume.device
     spatial = tuple(volume.shape[2:])
     pad, windows = window_grid(spatial, target_size=target, context_size=context)
-    flat_pad = [p for before_after in reversed(pad) for p in before_after]  # F.pad wants last axis first
-    padded = F.pad(volume.float(), flat_pad, mode=padding_mode)
+    padded = pad_volume(volume.float(), pad, mode=padding_mode)
     jobs = [(b, w) for b in range(volume.shape[0]) for w in windows]
     centre = tuple(slice(before, before + t) for (before, _), t in zip(pad, target, strict=True))
     memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format

@@ -13,6 +13,7 @@ from quality import (
     FITTED,
     KERNEL_PAIRS,
     LEAST_SQUARES,
+    ODD_BORDER,
     TrainSettings,
     blur,
     by_structure,
@@ -78,6 +79,11 @@ def test_filters() -> None:
     assert np.isclose(blur(ramp, 1.0)[..., 1].sum(), 100.0)  # in-plane blur keeps the slice's mass
     assert np.array_equal(blur(ramp, 1.0)[..., 0], ramp[..., 0])  # and does not mix slices
     assert np.allclose(unsharp(ramp, 1.0, 0.0), ramp)
+    # the odd-reflected border continues a ramp, so a symmetric filter leaves all of it; SciPy's
+    # reflection bends it at the border
+    line = np.broadcast_to(np.arange(12, dtype=np.float32)[:, None, None], (12, 10, 2))
+    np.testing.assert_allclose(unsharp(line, 1.0, 4.0, border="odd-reflect"), line, atol=1e-4)
+    assert abs(unsharp(line, 1.0, 4.0)[0] - line[0]).max() > 0.5
 
 
 @pytest.fixture(scope="module")
@@ -107,20 +113,21 @@ def test_kernel_experiment_toy(phantom_pair, tmp_path: Path) -> None:
     result = run_kernel(smooth, sharp, affine, settings=settings, workdir=tmp_path, log=lambda m: None,
                         linear_start=True, ensemble=True)  # fmt: skip
     rows = result["rows"]
-    assert [r["direction"] for r in rows] == ["smooth->sharp"] * 9 + ["sharp->smooth"] * 9
+    assert [r["direction"] for r in rows] == ["smooth->sharp"] * 11 + ["sharp->smooth"] * 11
     models = [m + e for m in ("model (best.pt)", "model (last.pt)") for e in ("", ENSEMBLE)]
-    methods = ["nothing", "tuned", LEAST_SQUARES, FITTED, FITTED + ENSEMBLE, *models]
-    assert [r["method"] for r in rows if not r["method"].startswith(("nothing", "tuned"))] == methods[2:] * 2
+    methods = [LEAST_SQUARES, LEAST_SQUARES + ODD_BORDER, FITTED, FITTED + ENSEMBLE, *models]
+    assert [r["method"] for r in rows if not r["method"].startswith(("nothing", "tuned"))] == methods * 2
+    assert sum(r["method"].startswith("tuned") and r["method"].endswith(ODD_BORDER) for r in rows) == 2
     test_mask = ct_body(smooth[32:])
     nothing = rows[0]["psnr_body"]
     assert np.isclose(nothing, _psnr(smooth[32:], sharp[32:], -900, 400, test_mask))  # the held-out half
     hu_error = np.sqrt(np.mean((smooth[32:].astype(np.float64) - sharp[32:]) ** 2))  # no window, every voxel
     assert np.isclose(rows[0]["rmse_hu_all"], hu_error) and hu_error > rows[0]["rmse_all"]
-    for direction in (rows[:9], rows[9:]):
+    for direction in (rows[:11], rows[11:]):
         psnr = [r["psnr_body"] for r in direction]
-        assert psnr[1] > psnr[0]  # tuned filter beats nothing
-        assert psnr[2] > psnr[0] + 3.0 and psnr[5] > psnr[0] + 3.0  # the least-squares filter and the model
-        assert np.allclose(psnr[5::2], psnr[3]) and np.allclose(psnr[6::2], psnr[4])  # lr 0: models = start
+        assert psnr[1] > psnr[0] and psnr[2] > psnr[0]  # tuned filter beats nothing, either border
+        assert psnr[3] > psnr[0] + 3.0 and psnr[7] > psnr[0] + 3.0  # the least-squares filter and the model
+        assert np.allclose(psnr[7::2], psnr[5]) and np.allclose(psnr[8::2], psnr[6])  # lr 0: models = start
         assert all(np.isfinite(r[k]) for r in direction for k in ("psnr_all", "mae_body", "ssim_body"))
     assert all(len(r["rmse_deciles"]) == 10 and np.isfinite(r["psnr_flat_floor"]) for r in rows)
     table = format_kernel(result)
@@ -171,6 +178,10 @@ def test_least_squares_filter_recovers_a_known_kernel_inside_the_mask() -> None:
     fresh = rng.normal(0, 100, (10, 10, 2)).astype(np.float32)
     expected = ndimage.correlate(fresh, weights[:, :, None], mode="nearest") + 20.0
     np.testing.assert_allclose(apply(fresh), expected, atol=0.05)
+    odd = np.pad(fresh, ((1, 1), (1, 1), (0, 0)), mode="reflect", reflect_type="odd")
+    odd = np.clip(odd, fresh.min(), fresh.max())  # `pad_volume` keeps the volume's range
+    expected = ndimage.correlate(odd, weights[:, :, None])[1:-1, 1:-1] + 20.0
+    np.testing.assert_allclose(apply(fresh, border="odd-reflect"), expected, atol=0.05)
 
 
 @pytest.mark.slow

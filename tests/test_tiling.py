@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from revgan_med.cli.infer import _edges
 from revgan_med.networks import build_generator
-from revgan_med.tiling import auto_windows, sliding_window_predict, window_sizes
+from revgan_med.tiling import auto_windows, pad_volume, sliding_window_predict, window_sizes
+
+
+def _odd_padded(x: torch.Tensor, pad: list[tuple[int, int]]) -> torch.Tensor:
+    """NumPy's odd reflection of a (B, C, X, Y, Z) tensor, clipped to each image and channel's range."""
+    v = x.numpy()
+    out = np.pad(v, [(0, 0), (0, 0), *pad], mode="reflect", reflect_type="odd")
+    lo, hi = v.min(axis=(2, 3, 4), keepdims=True), v.max(axis=(2, 3, 4), keepdims=True)
+    return torch.from_numpy(np.clip(out, lo, hi))
 
 
 def test_auto_windows_is_one_window_with_margins_when_it_fits():
@@ -54,6 +63,40 @@ def test_auto_windows_stitch_a_local_operator_exactly():
     assert [done for done, _ in calls] == list(range(3, windows, 3)) + [windows]
 
 
+@pytest.mark.parametrize(
+    ("shape", "pad"),
+    [((2, 3, 9, 7, 5), [(3, 2), (1, 4), (0, 2)]),  # shorter than the axes
+     ((1, 1, 3, 4, 2), [(5, 7), (9, 2), (4, 4)]),  # longer: reflected again
+     ((1, 2, 1, 4, 2), [(2, 3), (1, 1), (0, 0)])],  # a one-voxel axis: repeated
+)  # fmt: skip
+def test_odd_reflect_padding_is_numpys_clipped_to_the_range(shape, pad):
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=shape).astype(np.float32))
+    torch.testing.assert_close(pad_volume(x, pad), _odd_padded(x, pad), atol=1e-6, rtol=0)
+    flat = [p for before_after in reversed(pad) for p in before_after]
+    torch.testing.assert_close(pad_volume(x, pad, mode="replicate"), F.pad(x, flat, mode="replicate"))
+
+
+def test_a_sharpening_filter_leaves_a_ramp_at_the_image_border_as_it_is():
+    """x + 2·(x − 3³ mean) of a ramp is the ramp (its second derivative is 0), at the border too: odd
+    reflection continues the ramp. Replicate padding flattens it there and the filter answers that
+    edge. Two marker voxels in the middle widen the range so the clamp does not bite at the faces."""
+    x = (0.01 * torch.arange(12.0)).view(1, 1, 12, 1, 1).expand(1, 1, 12, 10, 8).clone()
+    x[0, 0, 6, 5, 4], x[0, 0, 6, 5, 5] = -5.0, 5.0
+
+    def sharpen(v: torch.Tensor) -> torch.Tensor:
+        return v + 2 * (v - F.avg_pool3d(F.pad(v, [1] * 6, mode="replicate"), 3, stride=1))
+
+    def predict(mode: str) -> torch.Tensor:
+        return sliding_window_predict(
+            sharpen, x, target_size=(6, 5, 4), context_size=(8, 7, 6), padding_mode=mode
+        )
+
+    faces = (slice(None), slice(None), [0, -1], slice(0, 3))  # x = 0 and 11, away from the markers
+    torch.testing.assert_close(predict("odd-reflect")[faces], x[faces], atol=1e-6, rtol=0)
+    replicated = predict("replicate")[0, 0, 0, :3]  # by hand: a + 2·(a − mean(a, a, a + 0.01)), a = 0
+    torch.testing.assert_close(replicated, torch.full_like(replicated, -0.02 / 3), atol=1e-6, rtol=0)
+
+
 def test_receptive_radius_counts_the_generators_convolutions_by_hand():
     srcnn = build_generator("srcnn3d", in_channels=1, out_channels=1, width=4, depth=2)
     assert srcnn.receptive_radius() == 1 + 2 * 2  # encoder 3³, two residual blocks of two 3³ convs
@@ -76,11 +119,11 @@ def test_window_edges_refuse_other_forms(text):
         _edges(text)
 
 
-def test_infer_defaults_to_auto_windows_and_stays_seamless(monkeypatch):
+@pytest.mark.parametrize(("task", "border"), [("ct-kernel", "odd-reflect"), ("ct-sr", "replicate")])
+def test_infer_defaults_to_auto_windows_and_stays_seamless(monkeypatch, task, border):
     """Through `infer_volume` with no window settings: a 3³ filter (radius 1) split into several auto
-    windows (small budget) equals the filter over the whole replicate-padded volume, in HU."""
-    import numpy as np
-
+    windows (small budget) equals the filter over the whole volume extended as its task says: kernel
+    conversion continues the border's gradient (NumPy's odd reflection), super-resolution repeats it."""
     from revgan_med import tiling
     from revgan_med.checkpoints import Model
     from revgan_med.data.transforms import CTWindow
@@ -95,12 +138,13 @@ def test_infer_defaults_to_auto_windows_and_stays_seamless(monkeypatch):
     monkeypatch.setitem(tiling.predict_volume.__kwdefaults__, "max_voxels", 12**3)
     window = CTWindow(-1000.0, 1000.0)
     hu = np.random.default_rng(0).uniform(-900, 900, (21, 17, 13)).astype(np.float32)
-    model = Model(Smooth(), "ct-kernel", window.to_dict(), (16, 16, 16), margin=1)
+    model = Model(Smooth(), task, window.to_dict(), (16, 16, 16), margin=1)
     totals = set()
     out = infer_volume(model, hu, np.eye(4), progress=lambda done, total: totals.add(total)).array
     assert totals == {2 * 2 * 2}  # auto windows: (11, 9, 7) targets in (13, 11, 9) contexts
     x = torch.from_numpy(window.normalize(hu))[None, None]
-    expected = window.denormalize(Smooth()(x)[0, 0].numpy())
+    padded = _odd_padded(x, [(1, 1)] * 3) if border == "odd-reflect" else F.pad(x, [1] * 6, mode="replicate")
+    expected = window.denormalize(F.avg_pool3d(padded, 3, stride=1)[0, 0].numpy())
     np.testing.assert_allclose(out, expected, atol=1e-3)
 
 

@@ -67,6 +67,33 @@ def test_kernel_baseline_is_the_linear_filter_scored_in_the_nlst_window(tmp_path
     assert metrics["psnr_margin"] == pytest.approx(sum(max(m, 0.0) for m in margins) / 2)  # it falls back
 
 
+def test_kernel_baseline_sees_the_border_as_the_model_windows_do(tmp_path):
+    """A second difference across x as the fitted path: at the volume's first and last x it is computed
+    on NumPy's odd reflection of the volume (clipped to its range), the border `infer` gives a kernel
+    model's windows (`BORDER_PADDING`), not on the path's own repeated border."""
+    from scipy import ndimage
+
+    datalist = write_kernel_datalist(tmp_path, cases=2)
+    config = tiny_config(
+        datalist, "data.window=ct-full", "model.residual=true", "model.linear_kernel=[3,3,1]"
+    )
+    generator = build_generator_from_config(config)
+    weight = np.zeros((3, 3, 1), np.float32)
+    weight[:, 1, 0] = (-0.5, 1.0, -0.5)
+    with torch.no_grad():
+        generator.lin_y.solved_weight[0, 0] = torch.from_numpy(weight)
+    window = CTWindow(*WINDOWS["ct-full"])
+    validation = ValidationSet.from_config(config, window)
+    smooth, sharp = (load_volume(tmp_path / "case1" / f"{n}.nii.gz")[0] for n in ("smooth", "sharp"))
+    x = window.normalize(smooth)
+    odd = np.clip(np.pad(x, ((1, 1), (1, 1), (0, 0)), mode="reflect", reflect_type="odd"), x.min(), x.max())
+    expected = window.denormalize(x + ndimage.correlate(odd, weight)[1:-1, 1:-1])
+    score = validation.score_baseline(generator)["baseline_psnr"]
+    assert score == pytest.approx(_psnr(expected, sharp, WINDOWS["nlst"]), abs=1e-3)
+    repeated = window.denormalize(x + ndimage.correlate(x, weight, mode="nearest"))
+    assert abs(_psnr(repeated, sharp, WINDOWS["nlst"]) - score) > 0.01  # the border matters here
+
+
 def test_untrained_residual_generator_with_fitted_paths_has_zero_margin(tmp_path):
     datalist = write_kernel_datalist(tmp_path, cases=2)
     config = tiny_config(datalist, "model.residual=true", "model.linear_kernel=[3,3,1]")

@@ -41,8 +41,8 @@ from revgan_med.config import Config
 from revgan_med.data.datasets import load_case, load_datalist
 from revgan_med.data.transforms import CTWindow
 from revgan_med.evaluation import compute_metrics
-from revgan_med.tasks import METRIC_WINDOWS, parse_window
-from revgan_med.tiling import DEFAULT_MARGIN, predict_volume
+from revgan_med.tasks import BORDER_PADDING, METRIC_WINDOWS, parse_window
+from revgan_med.tiling import DEFAULT_MARGIN, predict_volume, with_border
 from revgan_med.training.distributed import DistributedContext, gather_lists
 from revgan_med.training.logging import RunLogger
 
@@ -103,6 +103,7 @@ class ValidationSet:
         metric_window: Sequence[float] | None = None,
         directions: Sequence[str] = ("forward",),
         context: DistributedContext | None = None,
+        padding_mode: str = "replicate",
     ) -> None:
         self.context = context or DistributedContext(0, 1, 0, torch.device("cpu"))
         if not cases and not self.context.enabled:
@@ -114,6 +115,7 @@ class ValidationSet:
         self.batch_size = batch_size
         self.baseline = baseline
         self.metric_window = metric_window
+        self.padding_mode = padding_mode  # beyond the volume's border, as `infer` (`BORDER_PADDING`)
         self.directions = tuple(directions)
         self.baseline_scores: dict[str, float] | None = None
 
@@ -153,7 +155,7 @@ class ValidationSet:
                    target_size=config.infer.target_size, batch_size=config.infer.batch_size,
                    baseline=baseline, metric_window=_metric_window(config.task),
                    directions=KERNEL_DIRECTIONS if config.task == "ct-kernel" else ("forward",),
-                   context=context)  # fmt: skip
+                   context=context, padding_mode=BORDER_PADDING[config.task])  # fmt: skip
 
     def predict(
         self, generator: nn.Module, image: np.ndarray, *, device: torch.device, direction: str = "forward"
@@ -165,6 +167,7 @@ class ValidationSet:
             generator if direction == "forward" else generator.inverse, volume, patch_size=self.patch_size,
             margin=radius() if radius else DEFAULT_MARGIN, target_size=self.target_size,
             context_size=self.context_size, batch_size=self.batch_size, device=device,
+            padding_mode=self.padding_mode,
         )  # fmt: skip
         return out[0].numpy()
 
@@ -205,17 +208,19 @@ class ValidationSet:
                 )
         return self.baseline_scores
 
-    @staticmethod
-    def _baseline(case: dict[str, Any], generator: nn.Module, direction: str) -> np.ndarray:
-        """The baseline's normalised prediction of one case in `direction`."""
+    def _baseline(self, case: dict[str, Any], generator: nn.Module, direction: str) -> np.ndarray:
+        """The baseline's normalised prediction of one case in `direction` (a linear path: the whole
+        volume at once, extended beyond its border as the model's windows are)."""
         if direction == "forward" and "baseline" in case:
             return case["baseline"]
         source = ValidationSet._source_reference(case, direction)[0]
         path = getattr(generator, "lin_y" if direction == "forward" else "lin_x", None)
         if path is None:
             return source
-        volume = torch.from_numpy(source)[None].to(path.weight.device)  # replicate padding: all at once
-        out = path.solved(volume) + volume if generator.residual else path.solved(volume)
+        volume = torch.from_numpy(source)[None].to(path.weight.device)
+        radius = [k // 2 for k in path.kernel_size]
+        filtered = with_border(path.solved, volume, radius, mode=self.padding_mode)
+        out = filtered + volume if generator.residual else filtered
         return out[0].cpu().numpy()
 
     def evaluate(
