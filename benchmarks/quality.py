@@ -347,7 +347,8 @@ def run_sr(
 
 def blur(hu: np.ndarray, sigma: float, border: str = "reflect") -> np.ndarray:
     """In-plane Gaussian blur (a reconstruction kernel acts within each slice); `border`: SciPy's
-    ``reflect`` or ``odd-reflect``, the extension `revgan-med infer` gives its windows (`pad_volume`)."""
+    ``reflect`` or ``odd-reflect``, NumPy's odd reflection as `infer` extends a kernel model's windows
+    (`revgan_med.tiling.pad_volume`, which also clamps the extension to the volume's range)."""
     hu = hu.astype("float32")
     if border == "reflect":
         return ndimage.gaussian_filter(hu, (sigma, sigma, 0.0))

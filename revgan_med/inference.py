@@ -112,9 +112,9 @@ def infer_volume(
     if isinstance(mapping, DTIScale) and mapping.scales is None:
         mapping = mapping.fit(grid, brain)  # dMRI scales come from the input itself, as in training
     batch_size = model.batch_size if batch_size is None else batch_size
-    sw: dict[str, Any] = {"batch_size": batch_size, "device": model.device, "amp": amp}
-    sw["padding_mode"] = BORDER_PADDING[model.task]  # how the volume continues beyond its border
-    sw.update(channels_last=channels_last, progress=progress)
+    sw: dict[str, Any] = {"batch_size": batch_size, "device": model.device, "amp": amp,
+                          "padding_mode": BORDER_PADDING[model.task],  # the volume beyond its border
+                          "channels_last": channels_last, "progress": progress}  # fmt: skip
     step, back = model.generator, model.generator.inverse
     if direction == "inverse":
         step, back = back, step

@@ -213,7 +213,7 @@ class ValidationSet:
         volume at once, extended beyond its border as the model's windows are)."""
         if direction == "forward" and "baseline" in case:
             return case["baseline"]
-        source = ValidationSet._source_reference(case, direction)[0]
+        source = self._source_reference(case, direction)[0]
         path = getattr(generator, "lin_y" if direction == "forward" else "lin_x", None)
         if path is None:
             return source
