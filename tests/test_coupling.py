@@ -205,19 +205,21 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank: int, world: int, port: int, results) -> None:
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from revgan_med.training.distributed import init_distributed, shutdown_distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))  # fmt: skip
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    context = init_distributed("cpu")  # gloo, and a group that ends with shutdown_distributed
     try:
         model = DistributedDataParallel(make_core(2))
         x = torch.randn(1, C, 6, 6, 6, generator=torch.Generator().manual_seed(rank))
         model(torch.relu(x)).square().sum().backward()
         results[rank] = grads(model.module)
     finally:
-        dist.destroy_process_group()
+        shutdown_distributed(context)
 
 
 @pytest.mark.slow

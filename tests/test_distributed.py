@@ -75,8 +75,17 @@ def _worker(rank: int, port: int, datalist: str, run_dir: str) -> None:
     # the whole training loop under the group (one validation case: rank 1's share is empty); rank 0
     # writes, the group stays for its owner
     train(config, run_dir)
-    assert dist.is_initialized()
+    assert dist.is_initialized() and _gloo_threads()
     shutdown_distributed(context)
+    # nothing holds the group past its end (torch.distributed.nn's default arguments, imported by the first
+    # optimiser step, once did): its threads stop now, not in the interpreter's exit, where they aborted
+    assert not _gloo_threads()
+
+
+def _gloo_threads() -> list[str]:
+    """Names of this process's gloo threads (Linux: /proc lists every native thread)."""
+    tasks = Path("/proc/self/task")
+    return [n for t in tasks.iterdir() if "gloo" in (n := (t / "comm").read_text().strip())]
 
 
 def _free_port() -> int:

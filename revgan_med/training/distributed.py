@@ -67,11 +67,23 @@ def init_distributed(
     if owns_group:
         if resolved.type == "cuda":
             torch.cuda.set_device(resolved)
+        _bind_world_defaults_before_the_group()
         dist.init_process_group(
             backend=("nccl" if resolved.type == "cuda" else "gloo") if backend == "auto" else backend,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
     return DistributedContext(rank, world_size, local_rank, resolved, owns_group=owns_group)
+
+
+def _bind_world_defaults_before_the_group() -> None:
+    """Import ``torch.distributed.nn`` while no process group exists.
+
+    Its functions take ``group=group.WORLD`` as a default argument, bound at import. The first optimiser
+    step imports it (through ``torch._dynamo``); imported after `init_process_group`, those defaults
+    keep the group alive past `destroy_process_group`, and its gloo threads are then torn down at
+    interpreter exit, which now and then aborts a finished rank with SIGABRT.
+    """
+    import torch.distributed.nn  # noqa: F401
 
 
 def shutdown_distributed(context: DistributedContext) -> None:
