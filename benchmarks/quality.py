@@ -398,7 +398,7 @@ def least_squares_filter(source: np.ndarray, target: np.ndarray, mask: np.ndarra
 
     def apply(hu: np.ndarray, border: str = "replicate") -> np.ndarray:
         with torch.no_grad():  # replicate: the path's own padding
-            return with_border(path, tensor(hu), [k // 2 for k in kernel], mode=border)[0, 0].numpy() * unit
+            return with_border(path, tensor(hu), path.padding, mode=border)[0, 0].numpy() * unit
 
     return apply
 

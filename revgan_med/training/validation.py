@@ -218,8 +218,7 @@ class ValidationSet:
         if path is None:
             return source
         volume = torch.from_numpy(source)[None].to(path.weight.device)
-        radius = [k // 2 for k in path.kernel_size]
-        filtered = with_border(path.solved, volume, radius, mode=self.padding_mode)
+        filtered = with_border(path.solved, volume, path.padding, mode=self.padding_mode)  # radius = padding
         out = filtered + volume if generator.residual else filtered
         return out[0].cpu().numpy()
 
